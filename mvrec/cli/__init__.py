@@ -1,0 +1,53 @@
+"""The `mvrec` command line: a thin face over flows, tasks and storage.
+
+Each area registers its commands from its own module. Errors the user can fix (a bad option,
+a missing path, an invalid value) print one line naming the culprit and exit with code 2;
+set MVREC_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer._click import exceptions as click_exc  # typer vendors click
+
+from mvrec.cli.common import app, err_console
+
+# Registration order is the order `mvrec --help` lists them.
+from mvrec.cli import data as _data  # noqa: F401,E402  demo-data, build-test-model, config
+from mvrec.cli import extract as _extract  # noqa: F401,E402  extract
+from mvrec.cli import store as _store  # noqa: F401,E402  query, store
+from mvrec.cli import flows as _flows  # noqa: F401,E402  refresh, serve, rerun-failed, demo
+from mvrec.cli import recsys as _recsys  # noqa: F401,E402  train, study, recommend
+
+# Exceptions that mean "the input is wrong", not "mvrec is broken".
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                               IsADirectoryError, PermissionError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click_exc.NoArgsIsHelpError as e:  # `mvrec store` alone: help was printed
+        sys.exit(0 if e.exit_code is None else e.exit_code)
+    except click_exc.TyperException as e:
+        # Usage errors (bad option, missing argument, invalid value): one line, exit 2.
+        msg = e.format_message().strip().replace("\n", " ")
+        err_console.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except USER_ERRORS as e:
+        if os.environ.get("MVREC_DEBUG"):
+            raise
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        err_console.print(f"error: {msg}".replace("\n", " "), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,1 @@
+"""CLI commands for flows (registered on import)."""

@@ -1,0 +1,1 @@
+"""CLI commands for recsys (registered on import)."""

