@@ -125,6 +125,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     out: str = "./.mvrec/runs"
+    # Item representation: id | replace | fuse | dff
+    representation: str = "id"
+    # caption | hidden:all | hidden:<l1,l2,...> (final = -1); ignored for `id`
+    source: str = "hidden:all"
+    # Mask each user's other training items out of the training softmax, as the paper does.
+    mask_history: bool = True
+    eval_batch_size: int = 1024
+    # full | sampled (100 random negatives, the SASRec paper's protocol)
+    eval_protocol: str = "full"
+    # Items with no features: zero (zero vector, listed in the run) | error
+    missing_features: str = "zero"
+    # 0: min(4, cpu count) torch threads; the CPU is usually shared.
+    num_threads: int = 0
 
 
 @dataclass
@@ -132,6 +145,10 @@ class StudyConfig:
     seeds: int = 3
     out: str = "./.mvrec/study"
     max_epochs: int = 30
+    # Hidden layers to study: all | comma list such as "0,4,8,final"
+    layers: str = "all"
+    # Representations to run (a subset of id,replace,fuse,dff); all four is the paper's grid.
+    representations: str = "id,replace,fuse,dff"
 
 
 @dataclass

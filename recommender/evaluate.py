@@ -1,0 +1,97 @@
+"""Ranking metrics: full ranking over the catalogue (or the sampled 100-negative protocol).
+
+rank = 1 + number of candidates scored strictly higher than the target, after each user's
+history (everything before the target, except the target itself) is masked out.
+HR@K = [rank <= K];  NDCG@K = [rank <= K] / log2(rank + 1).  All vectorised over users.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+KS = (10, 20)
+COLD_THRESHOLD = 5  # a target is cold when it has fewer training interactions than this
+
+
+def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, float]:
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    if len(ranks) == 0:
+        return {f"{m}@{k}": float("nan") for k in ks for m in ("HR", "NDCG")}
+    out = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"HR@{k}"] = hit.double().mean().item()
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks)).mean().item()
+    return out
+
+
+def history_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, n_cols: int,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """CSR histories of `users` -> bool [len(users), n_cols] with True at seen items."""
+    starts, ends = indptr[users], indptr[users + 1]
+    lengths = ends - starts
+    rows = np.repeat(np.arange(len(users)), lengths)
+    # Positions of every history entry of these users in `indices`, without a Python loop.
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    cols = indices[np.repeat(starts, lengths) + offsets]
+    mask = torch.zeros(len(users), n_cols, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = True
+    return mask
+
+
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """scores [B, n_items + 1] (column 0 = padding), targets [B], seen [B, n_items + 1] -> 1-based ranks."""
+    blocked = seen.clone()
+    blocked[:, 0] = True
+    blocked[torch.arange(len(targets), device=targets.device), targets] = False  # the target stays rankable
+    scores = scores.float().masked_fill(blocked, float("-inf"))
+    target_scores = scores.gather(1, targets[:, None])
+    return (scores > target_scores).sum(1) + 1
+
+
+def sampled_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor, generator: torch.Generator,
+                  num_negatives: int = 100) -> torch.Tensor:
+    """Rank of the target among `num_negatives` uniform random unseen items (SASRec paper protocol)."""
+    B, n_cols = scores.shape
+    blocked = seen.clone()
+    blocked[:, 0] = True
+    blocked[torch.arange(B, device=targets.device), targets] = True
+    neg = torch.randint(1, n_cols, (B, num_negatives), generator=generator).to(scores.device)
+    for _ in range(100):  # resample collisions with history/target, all users at once
+        bad = blocked.gather(1, neg)
+        if not bad.any():
+            break
+        neg[bad] = torch.randint(1, n_cols, (int(bad.sum()),), generator=generator).to(scores.device)
+    target_scores = scores.gather(1, targets[:, None]).float()
+    return (scores.gather(1, neg).float() > target_scores).sum(1) + 1
+
+
+@torch.no_grad()
+def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: str | torch.device = "cpu",
+             protocol: str = "full", ks=KS, cold_threshold: int = COLD_THRESHOLD, seed: int = 0) -> dict[str, float]:
+    """Metrics for every user, plus `cold/...` for targets with < cold_threshold training interactions."""
+    if protocol not in ("full", "sampled"):
+        raise ValueError(f"unknown evaluation protocol {protocol!r} (full | sampled)")
+    model.eval()
+    inputs, targets = data.targets(split)
+    indptr, indices = data.history(split)
+    items = model.all_items()
+    gen = torch.Generator().manual_seed(seed)
+    ranks = []
+    for start in range(0, data.n_users, batch_size):
+        users = np.arange(start, min(start + batch_size, data.n_users))
+        seq = torch.as_tensor(inputs[users], device=device)
+        tgt = torch.as_tensor(targets[users], device=device)
+        scores = model.user_vectors(seq) @ items.T
+        seen = history_mask(indptr, indices, users, scores.shape[1], device)
+        if protocol == "full":
+            ranks.append(full_ranks(scores, tgt, seen).cpu())
+        else:
+            ranks.append(sampled_ranks(scores, tgt, seen, gen).cpu())
+    ranks = torch.cat(ranks)
+    out = metrics_from_ranks(ranks, ks)
+    cold = torch.as_tensor(data.train_counts[targets] < cold_threshold)
+    out.update({f"cold/{k}": v for k, v in metrics_from_ranks(ranks[cold], ks).items()})
+    out["cold/n_users"] = int(cold.sum())
+    return out

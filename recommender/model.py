@@ -1,0 +1,157 @@
+"""SASRec with four item representations: id, replace, fuse and DFF (arXiv 2512.21863).
+
+    item i ── ItemEmbedding ──> e_i  (used both as the input embedding and as the output/candidate one)
+    user seq ── e + position ──> causal Transformer blocks ──> h_t ;  score(t, i) = h_t · e_i
+
+Item representations (`features` is a frozen buffer [n_items + 1, L, D], row 0 = padding):
+    id       e = E_id[i]
+    replace  e = W h_i                                   (the content vector replaces the ID)
+    fuse     e_v = ReLU(W_p h_i);  g = σ(W_g[e_id; e_v] + b);  e = g⊙e_id + (1−g)⊙e_v   (L = 1)
+    dff      h_i = Σ_l softmax(w)_l h_{i,l}, then as fuse   (w learned, initialised equal)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("id", "replace", "fuse", "dff")
+
+
+class ItemEmbedding(nn.Module):
+    def __init__(self, n_items: int, dim: int, mode: str = "id", features: torch.Tensor | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown item representation {mode!r} (one of {', '.join(MODES)})")
+        if (mode == "id") != (features is None):
+            raise ValueError(f"mode {mode!r} {'takes no' if mode == 'id' else 'needs'} features")
+        self.mode, self.n_items = mode, n_items
+        if features is not None:
+            features = features.float()
+            if features.dim() == 2:
+                features = features[:, None, :]
+            if features.shape[0] != n_items + 1:
+                raise ValueError(f"features have {features.shape[0]} rows, expected n_items + 1 = {n_items + 1}")
+            if mode in ("replace", "fuse") and features.shape[1] != 1:
+                raise ValueError(f"mode {mode!r} takes one feature layer, got {features.shape[1]}")
+            self.register_buffer("features", features, persistent=False)  # frozen, not in checkpoints
+            self.proj = nn.Linear(features.shape[2], dim)
+        if mode != "replace":
+            self.id = nn.Embedding(n_items + 1, dim, padding_idx=0)
+            nn.init.xavier_normal_(self.id.weight)
+            with torch.no_grad():
+                self.id.weight[0].zero_()
+        if mode in ("fuse", "dff"):
+            self.gate = nn.Linear(2 * dim, dim)
+        if mode == "dff":
+            self.layer_logits = nn.Parameter(torch.ones(features.shape[1]))
+
+    def layer_weights(self) -> torch.Tensor | None:
+        return F.softmax(self.layer_logits, dim=0) if self.mode == "dff" else None
+
+    def content(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.features[ids]  # [..., L, D]
+        if self.mode == "dff":
+            return torch.einsum("...ld,l->...d", h, self.layer_weights())
+        return h[..., 0, :]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "id":
+            return self.id(ids)
+        if self.mode == "replace":
+            return self.proj(self.content(ids)) * (ids != 0).unsqueeze(-1)
+        e_id = self.id(ids)
+        e_v = F.relu(self.proj(self.content(ids)))
+        g = torch.sigmoid(self.gate(torch.cat([e_id, e_v], dim=-1)))
+        return (g * e_id + (1 - g) * e_v) * (ids != 0).unsqueeze(-1)  # padding stays zero
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: causal self-attention + FFN (4d)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, T, C)))
+        return x + self.ffn(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    def __init__(self, items: ItemEmbedding, max_seq_len: int = 10, dim: int = 64,
+                 n_blocks: int = 2, n_heads: int = 2, dropout: float = 0.1):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+        self.items = items
+        self.pos = nn.Embedding(max_seq_len, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, n_heads, dropout) for _ in range(n_blocks))
+        self.ln = nn.LayerNorm(dim)
+        self.n_items, self.dim = items.n_items, dim
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] left-padded item indices -> hidden states [B, T, dim]."""
+        B, T = seq.shape
+        valid = seq != 0
+        x = self.items(seq) * self.dim**0.5 + self.pos(torch.arange(T, device=seq.device))
+        x = self.drop(x) * valid.unsqueeze(-1)
+        # Causal, never attend to padding keys; a position always sees itself (no all-masked rows).
+        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=seq.device)
+        mask = (causal & (valid[:, None, :] | eye))[:, None]  # [B, 1, T, T]
+        for block in self.blocks:
+            x = block(x, mask) * valid.unsqueeze(-1)
+        return self.ln(x)
+
+    def all_items(self) -> torch.Tensor:
+        """Embeddings of every item, [n_items + 1, dim]; row 0 (padding) is zero."""
+        return self.items(torch.arange(self.n_items + 1, device=self.pos.weight.device))
+
+    def user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.forward(seq)[:, -1]  # last position (inputs are left-padded)
+
+    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.user_vectors(seq) @ self.all_items().T
+
+
+def next_item_loss(model: SASRec, seq: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None,
+                   loss: str = "full", num_negatives: int = 256) -> torch.Tensor:
+    """Cross-entropy of the next item at every non-padding position.
+
+    full:    softmax over the whole catalogue;
+    inbatch: over the batch's distinct targets;
+    sampled: over the batch's targets plus `num_negatives` uniform random items.
+    history [B, n_items + 1] (bool) marks each user's training items; as in the paper they are
+    masked out of the softmax except the position's own target (no penalty for repeats).
+    """
+    h = model(seq)
+    rows, cols = (targets != 0).nonzero(as_tuple=True)
+    h, y = h[rows, cols], targets[rows, cols]  # [P, d], [P]
+    if loss == "full":
+        cand = torch.arange(model.n_items + 1, device=seq.device)
+        label = y
+    elif loss in ("inbatch", "sampled"):
+        cand = y
+        if loss == "sampled":
+            cand = torch.cat([y, torch.randint(1, model.n_items + 1, (num_negatives,), device=y.device)])
+        cand, inverse = torch.unique(cand, return_inverse=True)
+        label = inverse[: len(y)]
+    else:
+        raise ValueError(f"unknown loss {loss!r} (full | inbatch | sampled)")
+    logits = h @ model.items(cand).T  # [P, C]
+    block = (cand == 0).expand_as(logits).clone()  # never predict padding
+    if history is not None:
+        block |= history[rows][:, cand]
+    block[torch.arange(len(y), device=y.device), label] = False
+    return F.cross_entropy(logits.float().masked_fill(block, float("-inf")), label)

@@ -1,0 +1,213 @@
+"""Train one SASRec model: AdamW, gradient clipping, early stopping on validation HR@10.
+
+A run directory holds:
+    config.json     the TrainConfig, the representation, the data and the feature snapshot used
+    metrics.csv     one row per epoch (train loss, validation metrics, seconds)
+    best.pt         the best checkpoint (encoder weights + the item table, enough to recommend)
+    result.json     best epoch, validation and test metrics, DFF layer weights
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mvrec.config import TrainConfig
+from recommender.data import SeqData
+from recommender.evaluate import evaluate, history_mask
+from recommender.model import ItemEmbedding, SASRec, next_item_loss
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int
+    epochs: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    layer_weights: list[float] | None
+    seconds: float
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n if n > 0 else max(1, min(4, os.cpu_count() or 1)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | None = None) -> SASRec:
+    feats = None if cfg.representation == "id" else torch.as_tensor(features)
+    items = ItemEmbedding(n_items, cfg.dim, cfg.representation, feats)
+    return SASRec(items, cfg.max_seq_len, cfg.dim, cfg.n_blocks, cfg.n_heads, cfg.dropout)
+
+
+def resolve_features(bank, cfg: TrainConfig, log=print) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The feature matrix for cfg.source, and what to record about it (snapshot, missing items)."""
+    if cfg.representation == "id":
+        return None, {"features": None}
+    matrix = bank.select(cfg.source)
+    kind = "caption" if cfg.source == "caption" else "hidden"
+    missing = bank.missing.get(kind, [])
+    if missing:
+        msg = f"{len(missing)} of {matrix.shape[0] - 1} items have no {kind} features: " + \
+            ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        if cfg.missing_features == "error":
+            raise ValueError(msg + " (train.missing_features = error)")
+        log(f"warning: {msg}; they get zero vectors (listed in config.json)")
+    layers = None if kind == "caption" else [bank.layers[i] for i in bank.layer_positions(cfg.source.split(":", 1)[1])]
+    return matrix, {"features": {"source": cfg.source, "layers": layers, "snapshot": bank.snapshot,
+                                 "missing_items": missing}}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), disable=not enabled, transient=True)
+
+
+def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, run_dir: str | Path | None = None,
+          meta: dict[str, Any] | None = None, progress: bool = True, log=print) -> RunResult:
+    """Train `cfg.representation` on `data`; `features` [n_items + 1, L, D] (or [n+1, D]) unless `id`."""
+    started = time.perf_counter()
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    run_dir = Path(run_dir or Path(cfg.out) / f"{cfg.representation}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({
+        "train": dataclasses.asdict(cfg), "data": {"source": data.source, "n_users": data.n_users,
+                                                   "n_items": data.n_items, "dropped_users": data.n_dropped_users},
+        **(meta or {})}, indent=2, default=str))
+
+    model = build_model(cfg, data.n_items, features).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp = device.type == "cuda"  # bf16 autocast on GPU only
+    train_users = np.flatnonzero((data.train_targets != 0).any(1))  # users with >= 1 training target
+    hist_ptr, hist_idx = data.history("valid")  # = every item the model trains on, per user
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_batches = -(-len(train_users) // cfg.batch_size)
+
+    best, best_epoch, wait, epoch = -1.0, 0, 0, 0
+    fields = ["epoch", "train_loss", "seconds", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
+    with open(run_dir / "metrics.csv", "w", newline="") as fh, _progress(progress) as bar:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        task = bar.add_task(f"{cfg.representation} seed {cfg.seed}", total=cfg.max_epochs * n_batches, info="")
+        for epoch in range(1, cfg.max_epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            losses = []
+            order = train_users[torch.randperm(len(train_users), generator=gen).numpy()]
+            for b in range(n_batches):
+                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                seq = torch.as_tensor(data.train_inputs[batch], device=device)
+                tgt = torch.as_tensor(data.train_targets[batch], device=device)
+                seen = history_mask(hist_ptr, hist_idx, batch, data.n_items + 1, device) if cfg.mask_history else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = next_item_loss(model, seq, tgt, seen, cfg.loss, cfg.num_negatives)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                losses.append(loss.item())
+                bar.update(task, advance=1, info=f"epoch {epoch} loss {np.mean(losses):.4f}")
+            valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
+                   **{f"valid_{k}": v for k, v in valid.items()}}
+            writer.writerow(row)
+            fh.flush()
+            bar.update(task, info=f"epoch {epoch} valid HR@10 {valid['HR@10']:.4f} (best {max(best, 0):.4f})")
+            if valid["HR@10"] > best:
+                best, best_epoch, wait = valid["HR@10"], epoch, 0
+                save_checkpoint(model, data, cfg, run_dir / "best.pt")
+            else:
+                wait += 1
+                if wait >= cfg.patience:
+                    break
+
+    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"], strict=False)
+    valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+    test = evaluate(model, data, "test", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+    weights = model.items.layer_weights()
+    result = RunResult(run_dir, best_epoch, epoch, valid, test,
+                       None if weights is None else weights.detach().cpu().tolist(), time.perf_counter() - started)
+    (run_dir / "result.json").write_text(json.dumps(
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}, indent=2))
+    return result
+
+
+def save_checkpoint(model: SASRec, data: SeqData, cfg: TrainConfig, path: Path) -> None:
+    """Encoder weights plus the item table e_i, so recommending needs no feature matrix."""
+    model.eval()
+    with torch.no_grad():
+        table = model.all_items().float().cpu()
+    seqs = data.seqs
+    torch.save({
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "item_table": table,
+        "train": dataclasses.asdict(cfg),
+        "items": data.items,
+        "users": data.users,
+        "seq_indptr": torch.as_tensor(np.concatenate([[0], np.cumsum([len(s) for s in seqs])])),
+        "seq_items": torch.as_tensor(np.concatenate(seqs)),
+    }, path)
+
+
+def load_for_recommend(path: str | Path) -> tuple[SASRec, dict[str, Any]]:
+    """A model whose items are the saved item table (an `id` model): no features needed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, weights_only=True)
+    cfg = TrainConfig(**{**ckpt["train"], "representation": "id"})
+    model = build_model(cfg, len(ckpt["items"]) - 1)
+    encoder = {k: v for k, v in ckpt["model"].items() if not k.startswith("items.")}
+    model.load_state_dict(encoder, strict=False)
+    with torch.no_grad():
+        model.items.id.weight.copy_(ckpt["item_table"])
+    return model.eval(), ckpt
+
+
+@torch.no_grad()
+def recommend(model: SASRec, ckpt: dict[str, Any], user: str, k: int = 10) -> list[tuple[str, float]]:
+    """Top-k unseen items for a known user, from their whole sequence."""
+    users = ckpt["users"]
+    try:
+        row = users.index(user)
+    except ValueError:
+        raise KeyError(f"unknown user {user!r}: not in the training data ({len(users)} users, e.g. "
+                       f"{', '.join(users[:3])})") from None
+    ptr, items = ckpt["seq_indptr"], ckpt["seq_items"]
+    seq = items[ptr[row]:ptr[row + 1]]
+    T = model.pos.num_embeddings
+    inp = torch.zeros(1, T, dtype=torch.long)
+    tail = seq[-T:]
+    inp[0, T - len(tail):] = tail
+    scores = model.score_all(inp)[0]
+    scores[0] = float("-inf")
+    scores[seq] = float("-inf")  # already watched
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    return [(ckpt["items"][i], s) for i, s in zip(top.indices.tolist(), top.values.tolist())]
