@@ -26,3 +26,37 @@ def config_show(
         for key, value in values.items():
             console.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
         console.print()
+
+
+@app.command("build-test-model")
+def build_test_model_cmd(
+    out: str = typer.Option("./.mvrec/test-model", "--out", "-o", help="Directory to write the model to."),
+    arch: str = typer.Option("qwen2_5_vl", "--arch", help="qwen2_5_vl | qwen3_vl"),
+    layers: int = typer.Option(4, "--layers", min=1, help="Decoder layers."),
+    hidden: int = typer.Option(128, "--hidden", min=32, help="Text hidden size (4 heads; head_dim = hidden/4 >= 32 for vLLM CPU)."),
+    seed: int = typer.Option(0, "--seed", help="Weights and tokenizer are deterministic by seed."),
+) -> None:
+    """Build a tiny random-weight Qwen-VL TEST MODEL locally (no hub): for tests and the demo."""
+    import time
+
+    from tasks.test_model import ARCHS, build_test_model
+
+    if arch not in ARCHS:
+        raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHS)}", param_hint="--arch")
+    if hidden % 4:
+        raise typer.BadParameter(f"{hidden} is not divisible by the 4 attention heads", param_hint="--hidden")
+    from tasks import torch_compat
+
+    torch_compat.install()
+    # Import the (lazy) model and processor modules first so the timing below is the build alone.
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration  # noqa: F401
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor  # noqa: F401
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor  # noqa: F401
+
+    t0 = time.perf_counter()
+    path = build_test_model(out, arch=arch, layers=layers, hidden=hidden, seed=seed)
+    size_mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    console.print(f"built {arch} test model in {path} ({layers} layers, hidden {hidden}, "
+                  f"{size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s). Its weights are random: "
+                  "captions and features from it carry no meaning.")
