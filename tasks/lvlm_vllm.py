@@ -1,0 +1,504 @@
+"""The vLLM LVLM backend: captions and every layer's pooled hidden state from ONE `generate` call.
+
+Same interface and layer convention as tasks/lvlm.py (and tasks/lvlm_transformers.py):
+row k of `hidden` is the residual stream after k decoder layers (k = 0: embeddings, k = L: the
+last decoder layer before the final norm) and `final` is the post-norm state.
+
+How the hidden states are captured
+----------------------------------
+vLLM has no `output_hidden_states`. We register PyTorch hooks on the language model's decoder
+layers inside the worker that runs the model, through `llm.collective_rpc` and a *worker
+extension class* (`HiddenStateRecorder`, passed as `worker_extension_cls`). Calling its methods
+by name needs no pickled callables, so `VLLM_ALLOW_INSECURE_SERIALIZATION` is not needed in
+either engine mode.
+
+- pre-hook of decoder layer 0: its `hidden_states` input is the embedding output (layer 0);
+  at this hook we also plan the step: which rows of the flattened batch belong to which request
+  (`model_runner.query_start_loc` and `input_batch.req_ids`), which of them are prompt tokens
+  (`num_computed_tokens` / `num_prompt_tokens`, so chunked prefill is handled), and which are
+  the video tokens (`input_ids == video_token_id`);
+- forward hook of decoder layer i: it returns `(hidden, residual)` and their sum is the
+  residual stream after i + 1 layers. The sum is taken INSIDE the hook, because the next
+  layer's fused add-norm overwrites both tensors in place;
+- forward hook of the final norm: the post-norm state (`final`).
+
+Each hook reduces its rows to one sum per request (mean pooling over video tokens, over all
+prompt tokens, or the last prompt token, per `spec.pooling`) inside the worker; only those
+small `(L + 2, D)` arrays ever leave it. Decode steps carry no prompt tokens and cost nothing.
+Prefix caching is off so that every prompt token is really computed, and the engine runs eager
+(no torch.compile / CUDA graphs), because compiled graphs do not call Python hooks.
+
+Engine modes
+------------
+`[vllm] multiprocessing = false` (the default) runs the engine core in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in about 3 s instead of about 20 s, needs no
+`__main__` guard and suits Prefect's thread task runner. `true` runs it in a child process; the
+calling script then needs an `if __name__ == "__main__":` guard. Both modes are tested.
+Tensor parallelism always uses worker processes; the hooks reach them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tasks.lvlm import (
+    FINAL_LAYER,
+    POOLINGS,
+    ExtractSpec,
+    ModelInfo,
+    VideoFeatures,
+    VideoInput,
+    layer_rows,
+    parse_layers,
+)
+
+# What a request looks like to the worker: "<our id>-<8 random chars>" (vLLM adds the suffix).
+_EXT_CLS = "tasks.lvlm_vllm.HiddenStateRecorder"
+
+
+class VideoRejected(ValueError):
+    """The engine refused one video's input (too long, malformed frames, ...). The engine lives on."""
+
+    def __init__(self, video_id: str, reason: str):
+        super().__init__(f"{video_id}: vLLM rejected the input: {reason}")
+        self.video_id = video_id
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+
+
+def _find_decoder(model: Any) -> tuple[Any, Any]:
+    """The language model's decoder layer list and final norm (not the vision tower's)."""
+    import torch.nn as nn
+
+    best = None
+    for name, mod in model.named_modules():
+        layers = getattr(mod, "layers", None)
+        norm = getattr(mod, "norm", None)
+        if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
+            continue
+        if "visual" in name or "vision" in name or "audio" in name:
+            continue
+        score = (1 if "language_model" in name else 0, len(layers))
+        if best is None or score > best[0]:
+            best = (score, layers, norm)
+    if best is None:
+        raise RuntimeError(f"no decoder layers found in {type(model).__name__}")
+    return best[1], best[2]
+
+
+class _Recorder:
+    """Hooks plus per-request accumulators, living in the worker next to the model."""
+
+    def __init__(self, runner: Any, video_token_id: int, pooling: str):
+        import torch
+
+        self.torch = torch
+        self.runner = runner
+        self.video_token_id = int(video_token_id)
+        self.pooling = pooling
+        layers, norm = _find_decoder(runner.get_model())
+        self.num_layers = len(layers)
+        self.handles = []
+        # per step
+        self.plan: list[tuple[str, int]] = []  # (req_id, n_rows) in segment order
+        self.rows: Any = None  # LongTensor of flat rows to pool
+        self.seg: Any = None  # LongTensor: segment (plan entry) of each row
+        self.step_sums: Any = None  # (n_plan, L + 2, D) float32 on the model's device
+        # across steps, keyed by vLLM's internal request id
+        self.sums: dict[str, Any] = {}  # (L + 2, D) float64 on CPU
+        self.counts: dict[str, int] = {}
+        self.n_video: dict[str, int] = {}
+
+        self.handles.append(layers[0].register_forward_pre_hook(self._pre_hook_first, with_kwargs=True))
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(self._make_layer_hook(i + 1)))
+        self.handles.append(norm.register_forward_hook(self._norm_hook))
+
+    # -- planning -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self.step_sums is None:
+            return
+        sums = self.step_sums.double().cpu()
+        for j, (rid, n) in enumerate(self.plan):
+            if rid in self.sums:
+                self.sums[rid] += sums[j]
+            else:
+                self.sums[rid] = sums[j].clone()
+            self.counts[rid] = self.counts.get(rid, 0) + n
+        self.step_sums = None
+        self.plan = []
+
+    def _plan_step(self, hidden: Any) -> None:
+        torch = self.torch
+        self._flush()
+        runner = self.runner
+        ib = runner.input_batch
+        num_reqs = int(ib.num_reqs)
+        if num_reqs == 0:
+            return
+        qsl = runner.query_start_loc.np[: num_reqs + 1]
+        ids = runner.input_ids.cpu
+        req_ids = ib.req_ids
+        plan, rows, seg = [], [], []
+        for i in range(num_reqs):
+            rid = req_ids[i]
+            if rid is None:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            done = int(ib.num_computed_tokens_cpu[i])
+            n_prompt = int(ib.num_prompt_tokens[i])
+            if end <= start or done >= n_prompt:
+                continue  # a decode step for this request
+            k = min(end - start, n_prompt - done)  # prompt rows of this request in this step
+            is_video = ids[start : start + k] == self.video_token_id
+            self.n_video[rid] = self.n_video.get(rid, 0) + int(is_video.sum())
+            if self.pooling == "video":
+                r = torch.nonzero(is_video).flatten() + start
+            elif self.pooling == "prompt":
+                r = torch.arange(start, start + k)
+            else:  # last prompt token, once the prompt's end is in this step
+                r = torch.tensor([start + k - 1] if done + k == n_prompt else [], dtype=torch.long)
+            plan.append((rid, int(r.numel())))
+            rows.append(r)
+            seg.append(torch.full((r.numel(),), len(plan) - 1, dtype=torch.long))
+        if not plan:
+            return
+        self.plan = plan
+        self.rows = torch.cat(rows).to(hidden.device)
+        self.seg = torch.cat(seg).to(hidden.device)
+        self.step_sums = torch.zeros(
+            (len(plan), self.num_layers + 2, hidden.shape[-1]), dtype=torch.float32, device=hidden.device
+        )
+
+    def _record(self, row: int, h: Any) -> None:
+        if self.step_sums is None:
+            return
+        picked = h.index_select(0, self.rows).float()
+        self.step_sums[:, row].index_add_(0, self.seg, picked)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _pre_hook_first(self, module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+        self._plan_step(hidden)
+        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+        self._record(0, hidden if residual is None else hidden + residual)
+
+    def _make_layer_hook(self, row: int):
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            if self.step_sums is None:
+                return
+            if isinstance(output, tuple):
+                hidden, residual = output[0], output[1] if len(output) > 1 else None
+            else:
+                hidden, residual = output, None
+            # Sum now: the next fused add-norm overwrites hidden and residual in place.
+            self._record(row, hidden if residual is None else hidden + residual)
+
+        return hook
+
+    def _norm_hook(self, module: Any, args: tuple, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self._record(self.num_layers + 1, out)
+
+    # -- results ------------------------------------------------------------------------------
+    def collect(self) -> dict[str, dict[str, Any]]:
+        """Pooled (L + 2, D) float32 per request, as bytes (msgpack/pickle safe); then forget them."""
+        self._flush()
+        out = {}
+        for rid, s in self.sums.items():
+            n = self.counts.get(rid, 0)
+            mean = (s / n).float().numpy() if n > 0 else np.full(tuple(s.shape), np.nan, np.float32)
+            out[rid] = {
+                "data": np.ascontiguousarray(mean, dtype=np.float32).tobytes(),
+                "shape": list(mean.shape),
+                "count": n,
+                "n_video": self.n_video.get(rid, 0),
+            }
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        self.sums, self.counts, self.n_video = {}, {}, {}
+        self.plan, self.step_sums = [], None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class HiddenStateRecorder:
+    """vLLM worker extension (`worker_extension_cls`): its methods become worker methods that
+    `llm.collective_rpc("mvrec_...")` calls by name, in-process or in worker processes."""
+
+    def mvrec_install_hooks(self, video_token_id: int, pooling: str) -> int:
+        old = getattr(self, "_mvrec_recorder", None)
+        if old is not None:
+            old.remove()
+        rec = _Recorder(self.model_runner, video_token_id, pooling)
+        self._mvrec_recorder = rec
+        return rec.num_layers
+
+    def mvrec_collect(self) -> dict[str, dict[str, Any]]:
+        return self._mvrec_recorder.collect()
+
+    def mvrec_reset(self) -> bool:
+        rec = getattr(self, "_mvrec_recorder", None)
+        if rec is not None:
+            rec.reset()
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Caller side
+# --------------------------------------------------------------------------------------------
+
+
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _set_engine_env(opts: dict[str, Any], on_cpu: bool) -> dict[str, str]:
+    """Environment vLLM reads at start-up. Keys present in `opts` win over the environment."""
+    env: dict[str, str] = {}
+    mp = opts.get("multiprocessing")
+    if mp is not None:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
+    elif "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if on_cpu:
+        if opts.get("cpu_kvcache_space_gib") is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(int(opts["cpu_kvcache_space_gib"]))
+        bind = opts.get("cpu_omp_threads_bind")
+        if bind is not None:
+            if str(bind) == "all":
+                raise ValueError("vllm.cpu_omp_threads_bind: 'all' is invalid (use auto, nobind or e.g. 0-1)")
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(bind)
+    os.environ.update(env)
+    try:  # an earlier engine in this process froze vLLM's env cache
+        import vllm.envs as envs
+
+        if hasattr(envs, "disable_envs_cache"):
+            envs.disable_envs_cache()
+    except Exception:  # pragma: no cover - older/newer vLLM
+        pass
+    return env
+
+
+def _resolve_dtype(spec: ExtractSpec, opts: dict[str, Any], on_cpu: bool) -> str:
+    for d in (opts.get("dtype"), spec.dtype):
+        if d and d != "auto":
+            return str(d)
+    return "float32" if on_cpu else "bfloat16"
+
+
+def _local_revision(model: str, revision: str) -> str:
+    if revision:
+        return revision
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        return "sha256:" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+    return ""
+
+
+def _is_test_model(model: str) -> bool:
+    try:
+        from tasks.test_model import is_test_model  # the builder's own marker
+    except ImportError:
+        is_test_model = None
+    if is_test_model is not None:
+        return bool(is_test_model(model))
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text()).get("mvrec_test_model"))
+    except (OSError, ValueError):
+        return False
+
+
+def chat_prompt(processor: Any, prompt: str) -> str:
+    """The prompt text with one video placeholder, via the model's chat template."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class VLLMBackend:
+    """Offline vLLM engine; `extract` returns captions and pooled layers from one generate call."""
+
+    name = "vllm"
+
+    def __init__(self, spec: ExtractSpec):
+        if spec.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {spec.pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.spec = spec
+        opts = dict(spec.options or {})
+        on_cpu = _is_cpu_platform()
+        self.engine_env = _set_engine_env(opts, on_cpu)
+        dtype = _resolve_dtype(spec, opts, on_cpu)
+
+        dp = int(opts.get("data_parallel_size", 1) or 1)
+        if dp != 1:
+            raise ValueError(
+                "vllm.data_parallel_size: an offline engine is one replica; run data_parallel_size "
+                "extraction workers instead (see README, Scaling out)"
+            )
+
+        from transformers import AutoProcessor
+        from vllm import LLM
+
+        self.processor = AutoProcessor.from_pretrained(spec.model, revision=spec.revision or None)
+        self.tokenizer = self.processor.tokenizer
+        self._prompt_text = chat_prompt(self.processor, spec.prompt)
+
+        engine_kwargs: dict[str, Any] = dict(
+            model=spec.model,
+            revision=spec.revision or None,
+            dtype=dtype,
+            max_model_len=int(opts.get("max_model_len", 8192)),
+            max_num_seqs=int(opts.get("max_num_seqs", 8)),
+            tensor_parallel_size=int(opts.get("tensor_parallel_size", 1)),
+            limit_mm_per_prompt={"video": 1, "image": 0},
+            enable_prefix_caching=False,  # every prompt token must be computed (and hooked)
+            enforce_eager=True,  # compiled graphs / CUDA graphs would bypass the hooks
+            worker_extension_cls=_EXT_CLS,
+            seed=0,
+        )
+        if not on_cpu:
+            engine_kwargs["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization", 0.85))
+        if opts.get("mm_processor_kwargs"):
+            engine_kwargs["mm_processor_kwargs"] = dict(opts["mm_processor_kwargs"])
+        t0 = time.perf_counter()
+        self.llm = LLM(**engine_kwargs)
+        self.startup_s = time.perf_counter() - t0
+
+        hf = self.llm.llm_engine.model_config.hf_config
+        self.video_token_id = int(getattr(hf, "video_token_id"))
+        text_cfg = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        num_layers = self.llm.collective_rpc("mvrec_install_hooks", args=(self.video_token_id, spec.pooling))[0]
+        self.layers = parse_layers(spec.layers, num_layers)
+        self.rows = layer_rows(self.layers, num_layers)
+        self.info = ModelInfo(
+            model=spec.model,
+            revision=_local_revision(spec.model, spec.revision),
+            arch=str(getattr(hf, "model_type", "")),
+            num_layers=num_layers,
+            hidden_size=int(text_cfg.hidden_size),
+            is_test_model=_is_test_model(spec.model),
+            dtype=dtype,
+            device="cpu" if on_cpu else "cuda",
+        )
+        self._sampling = self._sampling_params()
+
+    def _sampling_params(self):
+        from vllm import SamplingParams
+
+        kw: dict[str, Any] = {}
+        # transformers' generate() applies the model's generation_config; so do we (greedy).
+        try:
+            diff = self.llm.llm_engine.model_config.get_diff_sampling_param()
+        except Exception:
+            diff = {}
+        if diff.get("repetition_penalty") not in (None, 1.0):
+            kw["repetition_penalty"] = float(diff["repetition_penalty"])
+        return SamplingParams(
+            temperature=0.0, max_tokens=int(self.spec.max_new_tokens), detokenize=False, **kw
+        )
+
+    def _request(self, v: VideoInput) -> dict[str, Any]:
+        frames = np.ascontiguousarray(v.frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0 or frames.dtype != np.uint8:
+            raise VideoRejected(v.video_id, f"frames must be (T>0, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+        m = v.meta
+        meta = {
+            "total_num_frames": int(m.total_num_frames),
+            "fps": float(m.fps),
+            "duration": float(m.duration_s),
+            "frames_indices": [int(i) for i in m.frames_indices],
+            "video_backend": m.backend or "decord",
+            "do_sample_frames": False,
+            "width": int(frames.shape[2]),
+            "height": int(frames.shape[1]),
+        }
+        return {"prompt": self._prompt_text, "multi_modal_data": {"video": (frames, meta)}}
+
+    def _generate(self, prompts: list[dict[str, Any]]):
+        """One generate call; returns (outputs, pooled per external request id)."""
+        self.llm.collective_rpc("mvrec_reset")
+        outs = self.llm.generate(prompts, self._sampling, use_tqdm=False)
+        pooled_by_rid = self.llm.collective_rpc("mvrec_collect")[0]
+        by_ext: dict[str, dict[str, Any]] = {}
+        for rid, val in pooled_by_rid.items():
+            by_ext[rid] = val
+            by_ext.setdefault(rid.rsplit("-", 1)[0], val)  # vLLM's internal id: "<ours>-<suffix>"
+        return outs, by_ext
+
+    def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        prompts = [self._request(v) for v in batch]
+        t1 = time.perf_counter()
+        try:
+            outs, pooled = self._generate(prompts)
+        except Exception as e:  # noqa: BLE001 - the engine refused some input
+            self.llm.collective_rpc("mvrec_reset")
+            if len(batch) == 1:
+                raise VideoRejected(batch[0].video_id, f"{type(e).__name__}: {e}") from e
+            # Find the culprit(s): each video alone, so the error names one video.
+            results = []
+            for v in batch:
+                results.extend(self.extract([v]))
+            return results
+        t2 = time.perf_counter()
+        results = []
+        share = 1.0 / len(batch)
+        for v, out in zip(batch, outs):
+            entry = pooled.get(out.request_id)
+            if entry is None:
+                raise RuntimeError(f"{v.video_id}: no hidden states were recorded for request {out.request_id}")
+            full = np.frombuffer(entry["data"], dtype=np.float32).reshape(entry["shape"])
+            if not np.isfinite(full).all():
+                raise VideoRejected(v.video_id, "no tokens to pool (no video tokens in the prompt?)")
+            ids = list(out.outputs[0].token_ids)
+            results.append(
+                VideoFeatures(
+                    video_id=v.video_id,
+                    caption=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    layers=list(self.layers),
+                    hidden=np.ascontiguousarray(full[self.rows], dtype=np.float32),
+                    pooling=self.spec.pooling,
+                    n_video_tokens=int(entry["n_video"]),
+                    n_prompt_tokens=len(out.prompt_token_ids or []),
+                    n_new_tokens=len(ids),
+                    timings={"prepare": (t1 - t0) * share, "lvlm": (t2 - t1) * share},
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        del llm
+        import gc
+
+        gc.collect()
