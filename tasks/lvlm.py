@@ -84,6 +84,19 @@ class VideoFeatures:
     timings: dict[str, float] = field(default_factory=dict)  # seconds, per stage (batch share)
 
 
+class BackendOOM(RuntimeError):
+    """The batch did not fit in (GPU or host) memory. Transient for a smaller batch: callers split
+    the batch and try again; a single video that still does not fit is a failure."""
+
+    def __init__(self, batch_size: int, detail: str = ""):
+        self.batch_size = batch_size
+        self.detail = detail
+        super().__init__(f"out of memory on a batch of {batch_size} video(s){': ' + detail if detail else ''}")
+
+    def __reduce__(self):
+        return type(self), (self.batch_size, self.detail)
+
+
 @runtime_checkable
 class LVLMBackend(Protocol):
     name: str  # "transformers" | "vllm"
