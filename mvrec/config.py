@@ -106,6 +106,16 @@ class VLLMConfig:
 
 
 @dataclass
+class RefreshConfig:
+    # What the nightly refresh reads: a directory, a manifest file (.txt/.csv) or a URI.
+    source: str = "./videos"
+    # A MicroLens pairs file; when set, each refresh retrains the recommender on the new features.
+    interactions: str = ""
+    cron: str = "0 2 * * *"
+    deployment: str = "nightly"
+
+
+@dataclass
 class TrainConfig:
     dim: int = 64
     max_seq_len: int = 10
@@ -157,6 +167,7 @@ class Config:
     prefect: PrefectConfig = field(default_factory=PrefectConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
