@@ -1,0 +1,225 @@
+"""The typed config: defaults < mvrec.toml < MVREC_* environment < flags, and loud errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvrec.config import ConfigError, load_config
+
+# One key per type: (section, key, file literal, file value, env string, env value, flag value).
+PRECEDENCE_CASES = [
+    pytest.param("extract", "batch_size", "3", 3, "5", 5, 7, id="int"),
+    pytest.param("vllm", "gpu_memory_utilization", "0.5", 0.5, "0.6", 0.6, 0.7, id="float"),
+    pytest.param("vllm", "multiprocessing", "true", True, "no", False, True, id="bool"),
+    pytest.param("extract", "model", '"file/model"', "file/model", "env/model", "env/model", "flag/model", id="str"),
+    pytest.param("store", "storage_options", '{ AWS_REGION = "file" }', {"AWS_REGION": "file"},
+                 '{"AWS_REGION": "env"}', {"AWS_REGION": "env"}, {"AWS_REGION": "flag"}, id="dict"),
+]
+
+
+def env_name(section: str, key: str) -> str:
+    return f"MVREC_{section.upper()}__{key.upper()}"
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "mvrec.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cwd(tmp_path, monkeypatch):
+    """No stray ./mvrec.toml or MVREC_* variables from the developer's shell."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(__import__("os").environ):
+        if name.startswith("MVREC_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_embedded():
+    cfg = load_config(env={})
+    assert cfg.store.path == "./.mvrec/store"
+    assert cfg.prefect.home == "./.mvrec/prefect"
+    assert cfg.extract.device == "auto"
+    assert cfg.extract.backend == "transformers"
+
+
+@pytest.mark.parametrize("section, key, literal, file_value, env_str, env_value, flag_value", PRECEDENCE_CASES)
+def test_precedence_file_env_flag(tmp_path, section, key, literal, file_value, env_str, env_value, flag_value):
+    path = write_toml(tmp_path, f"[{section}]\n{key} = {literal}\n", name="settings.toml")
+    default = getattr(getattr(load_config(env={}), section), key)
+    assert default != file_value  # otherwise the file level would prove nothing
+
+    from_file = load_config(path, env={})
+    assert getattr(getattr(from_file, section), key) == file_value
+
+    env = {env_name(section, key): env_str}
+    from_env = load_config(path, env=env)
+    assert getattr(getattr(from_env, section), key) == env_value
+
+    from_flag = load_config(path, env=env, overrides={f"{section}.{key}": flag_value})
+    assert getattr(getattr(from_flag, section), key) == flag_value
+    assert type(getattr(getattr(from_flag, section), key)) is type(file_value)
+
+
+def test_flag_none_means_not_given(tmp_path):
+    path = write_toml(tmp_path, "[extract]\nbatch_size = 3\n")
+    cfg = load_config(path, env={}, overrides={"extract.batch_size": None})
+    assert cfg.extract.batch_size == 3
+
+
+def test_mvrec_toml_in_working_directory_is_found(tmp_path):
+    write_toml(tmp_path, '[extract]\nmodel = "local-model"\n')
+    assert load_config(env={}).extract.model == "local-model"
+
+
+def test_mvrec_config_env_points_at_another_file(tmp_path):
+    write_toml(tmp_path, '[extract]\nmodel = "cwd-model"\n')
+    other = write_toml(tmp_path, '[extract]\nmodel = "other-model"\n', name="other.toml")
+    assert load_config(env={"MVREC_CONFIG": str(other)}).extract.model == "other-model"
+    # An explicit path (mvrec --config) wins over MVREC_CONFIG.
+    cwd_file = tmp_path / "mvrec.toml"
+    assert load_config(cwd_file, env={"MVREC_CONFIG": str(other)}).extract.model == "cwd-model"
+
+
+@pytest.mark.parametrize("how", ["path", "MVREC_CONFIG"])
+def test_missing_config_file_is_named(tmp_path, how):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        if how == "path":
+            load_config(missing, env={})
+        else:
+            load_config(env={"MVREC_CONFIG": str(missing)})
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = write_toml(tmp_path, "[extrakt]\nbatch_size = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert "extrakt" in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = write_toml(tmp_path, "[extract]\nbatch_sise = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert "extract.batch_sise" in str(err.value) and str(path) in str(err.value)
+
+
+def test_top_level_key_outside_a_section(tmp_path):
+    path = write_toml(tmp_path, "batch_size = 3\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(path, env={})
+
+
+def test_unknown_key_in_environment():
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"MVREC_EXTRACT__BATCH_SISE": "3"})
+    assert "MVREC_EXTRACT__BATCH_SISE" in str(err.value) and "environment" in str(err.value)
+
+
+def test_unknown_section_in_environment():
+    with pytest.raises(ConfigError, match="MVREC_EXTRAKT__BATCH_SIZE"):
+        load_config(env={"MVREC_EXTRAKT__BATCH_SIZE": "3"})
+
+
+def test_malformed_environment_name():
+    with pytest.raises(ConfigError, match="MVREC_BATCHSIZE"):
+        load_config(env={"MVREC_BATCHSIZE": "3"})
+
+
+def test_unknown_key_from_flag():
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"extract.batch_sise": 3})
+    assert "option extract.batch_sise" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        ('[extract]\nbatch_size = "many"\n', "extract.batch_size"),
+        ("[extract]\nbatch_size = 2.5\n", "extract.batch_size"),
+        ('[vllm]\nmultiprocessing = "maybe"\n', "vllm.multiprocessing"),
+        ('[vllm]\ngpu_memory_utilization = "most"\n', "vllm.gpu_memory_utilization"),
+        ('[store]\nstorage_options = "none"\n', "store.storage_options"),
+        ("[extract]\nmodel = [1, 2]\n", "extract.model"),
+    ],
+)
+def test_bad_value_in_file_names_key_and_file(tmp_path, toml, key):
+    path = write_toml(tmp_path, toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MVREC_EXTRACT__BATCH_SIZE", "many"),
+        ("MVREC_VLLM__MULTIPROCESSING", "maybe"),
+        ("MVREC_STORE__STORAGE_OPTIONS", "{not json"),
+        ("MVREC_PREFECT__RETRY_DELAY_S", "soon"),
+    ],
+)
+def test_bad_value_in_environment_names_variable(name, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: value})
+    assert name in str(err.value) and repr(value) in str(err.value)
+
+
+def test_bad_value_from_flag():
+    with pytest.raises(ConfigError, match=r"option extract\.batch_size.*'many'"):
+        load_config(env={}, overrides={"extract.batch_size": "many"})
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = write_toml(tmp_path, "[extract\nbatch_size = 3\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(path, env={})
+
+
+# Through the command line: the same rules, as one-line errors with exit code 2.
+
+
+def run_mvrec(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVREC_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", "from mvrec.cli import main; main()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_config_show_applies_file_then_env(tmp_path):
+    write_toml(tmp_path, "[extract]\nbatch_size = 3\nframes = \"uniform:4\"\n")
+    done = run_mvrec("config", "show", "--json", cwd=tmp_path, env_extra={"MVREC_EXTRACT__BATCH_SIZE": "9"})
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["extract"]["batch_size"] == 9  # env over file
+    assert shown["extract"]["frames"] == "uniform:4"  # file over default
+
+
+@pytest.mark.parametrize("how", ["--config", "MVREC_CONFIG"])
+def test_cli_missing_config_file(tmp_path, how):
+    missing = str(tmp_path / "missing.toml")
+    if how == "--config":
+        done = run_mvrec("--config", missing, "config", "show", cwd=tmp_path)
+    else:
+        done = run_mvrec("config", "show", cwd=tmp_path, env_extra={"MVREC_CONFIG": missing})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing.toml" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_bad_value_in_file(tmp_path):
+    write_toml(tmp_path, '[extract]\nbatch_size = "many"\n')
+    done = run_mvrec("config", "show", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "extract.batch_size" in lines[0] and "'many'" in lines[0]
