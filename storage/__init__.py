@@ -1,0 +1,37 @@
+"""The mvrec feature store: Delta Lake tables, idempotent upserts, named snapshots, and
+read-only DuckDB views. Knows no model and no orchestrator (see ARCHITECTURE.md).
+
+    from storage import FeatureStore, ExtractorRecord, connect
+    store = FeatureStore("./.mvrec/store")
+    eid = store.upsert_extractor(ExtractorRecord(model=..., revision=..., prompt=..., ...))
+    store.write_batch(ExtractionBatch(videos=[...], captions=[...], hidden_states=[...]))
+    X = store.layer_matrix(eid, layer=8, item_ids=ids).values     # float32 (N, D), item order
+    with connect(store) as con:
+        con.sql("SELECT count(*) FROM hidden_states").fetchall()
+"""
+
+from storage.schema import ALL_TABLES, DATA_TABLES, SCHEMA_VERSION, TableSpec
+from storage.store import (
+    FINAL_LAYER,
+    AsOf,
+    CaptionRow,
+    ExtractionBatch,
+    ExtractorRecord,
+    FailureRow,
+    FeatureMatrix,
+    FeatureStore,
+    HiddenStateRow,
+    MissingItemsError,
+    VideoRow,
+    extractor_id,
+    open_store,
+)
+from storage.query import ReadOnlyConnection, ReadOnlyError, check_read_only, connect, top_k_similar
+
+__all__ = [
+    "ALL_TABLES", "DATA_TABLES", "SCHEMA_VERSION", "TableSpec", "FINAL_LAYER", "AsOf",
+    "CaptionRow", "ExtractionBatch", "ExtractorRecord", "FailureRow", "FeatureMatrix",
+    "FeatureStore", "HiddenStateRow", "MissingItemsError", "VideoRow", "extractor_id",
+    "open_store", "ReadOnlyConnection", "ReadOnlyError", "check_read_only", "connect",
+    "top_k_similar",
+]

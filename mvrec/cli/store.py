@@ -1,1 +1,209 @@
-"""CLI commands for store (registered on import)."""
+"""CLI commands for the feature store: `mvrec query` and `mvrec store compact|snapshots|tag|info`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from mvrec.cli.common import app, console, get_config
+
+store_app = typer.Typer(help="Feature store maintenance: compaction, snapshots (tags), versions.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _open(create: bool = False):
+    from storage import open_store
+
+    return open_store(get_config().store, create=create)
+
+
+def _cell(v: Any) -> str:
+    """Short text for a Rich cell: long vectors are elided."""
+    if v is None:
+        return "∅"
+    if isinstance(v, list):
+        if len(v) > 6 and all(isinstance(x, (int, float)) or x is None for x in v):
+            head = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v[:4])
+            return f"[{head}, … ({len(v)})]"
+        return json.dumps(v, default=str)
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        # DuckDB maps come back as a list of (key, value) pairs in Arrow
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+@app.command("query")
+def query_cmd(
+    sql: Optional[str] = typer.Argument(None, help="One read-only SQL statement (SELECT / WITH / EXPLAIN / DESCRIBE)."),
+    schema: bool = typer.Option(False, "--schema", help="List the views and their columns instead."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file (needed for parquet)."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Read a named snapshot (tag) instead of the latest."),
+    max_rows: int = typer.Option(100, "--max-rows", help="Rows shown by --format table."),
+) -> None:
+    """Run read-only SQL over the feature store (DuckDB). Writes and outside access are refused."""
+    from storage import check_read_only, connect
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not schema and not sql:
+        raise ValueError("query: give one SQL statement, or --schema to list the views")
+    if fmt == "parquet" and out is None:
+        raise ValueError("--format parquet needs --out FILE")
+    if not schema:
+        check_read_only(sql)  # refused before the store is even opened
+    cfg = get_config().store
+    with connect(cfg.path, as_of=as_of, storage_options=cfg.storage_options) as con:
+        if schema:
+            _print_schema(con)
+            return
+        result = con.arrow(sql)
+    _emit(result, fmt, out, max_rows)
+
+
+def _print_schema(con) -> None:
+    from storage.schema import ALL_TABLES, SCHEMA_VERSION
+
+    for name, cols in con.views().items():
+        t = Table(title=f"{name}  (v{SCHEMA_VERSION}, table version {con.versions[name]})",
+                  title_justify="left", show_header=True)
+        t.add_column("column")
+        t.add_column("type")
+        t.add_column("key")
+        spec = ALL_TABLES[name]
+        for c, ty in cols:
+            mark = "key" if c in spec.key else ""
+            if c in spec.partition_by:
+                mark = (mark + " partition").strip()
+            t.add_row(c, ty, mark)
+        console.print(t)
+
+
+def _records(result) -> list[dict[str, Any]]:
+    """Arrow rows as dicts; MAP columns (Arrow gives (key, value) pairs) become dicts."""
+    import pyarrow as pa
+
+    maps = {f.name for f in result.schema if pa.types.is_map(f.type)}
+    rows = result.to_pylist()
+    for r in rows:
+        for m in maps:
+            if r[m] is not None:
+                r[m] = dict(r[m])
+    return rows
+
+
+def _emit(result, fmt: str, out: Optional[Path], max_rows: int) -> None:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, out)
+        console.print(f"wrote {result.num_rows} rows to {out}")
+        return
+    if fmt == "json":
+        rows = [_jsonable(r) for r in _records(result)]
+        text = json.dumps(rows, indent=1, default=str) + "\n"
+        _write_text(text, out, result.num_rows)
+        return
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(result.column_names)
+        for r in _records(result):
+            w.writerow([json.dumps(_jsonable(v)) if isinstance(v, (list, dict)) else ("" if v is None else v)
+                        for v in r.values()])
+        _write_text(buf.getvalue(), out, result.num_rows)
+        return
+    t = Table(show_header=True, header_style="bold")
+    for name, ty in zip(result.column_names, result.schema.types):
+        t.add_column(f"{name}\n[dim]{ty}[/]", overflow="fold")
+    shown = result.slice(0, max_rows) if result.num_rows > max_rows else result
+    for r in shown.to_pylist():
+        t.add_row(*(_cell(v) for v in r.values()))
+    console.print(t)
+    more = result.num_rows - shown.num_rows
+    console.print(f"[dim]{result.num_rows} row(s)" + (f", {more} not shown (--max-rows)" if more else "") + "[/]")
+    if out is not None:
+        raise ValueError("--out needs --format csv, json or parquet")
+
+
+def _write_text(text: str, out: Optional[Path], n: int) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    out.write_text(text)
+    console.print(f"wrote {n} rows to {out}")
+
+
+@store_app.command("compact")
+def compact_cmd(
+    retention_hours: float = typer.Option(168.0, "--retention-hours", help="Vacuum files unreferenced for this long (tagged versions are always kept)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what vacuum would delete."),
+) -> None:
+    """Optimize (merge small files) and vacuum old files of every table."""
+    if retention_hours < 0:
+        raise ValueError(f"--retention-hours: must be >= 0, got {retention_hours}")
+    stats = _open().compact(retention_hours=retention_hours, dry_run=dry_run)
+    t = Table("table", "files added", "files removed", "files vacuumed" + (" (dry run)" if dry_run else ""),
+              "version", show_header=True)
+    for name, s in stats.items():
+        t.add_row(name, str(s.get("files_added", "-")), str(s.get("files_removed", "-")),
+                  str(s["files_vacuumed"]), f"{s['version_before']} → {s['version_after']}")
+    console.print(t)
+
+
+@store_app.command("snapshots")
+def snapshots_cmd() -> None:
+    """List named snapshots (tags) and the table versions they pin."""
+    snaps = _open().snapshots()
+    if not snaps:
+        console.print("no snapshots yet; create one with `mvrec store tag NAME`")
+        return
+    t = Table("name", "created", "versions", "note", show_header=True)
+    for s in snaps:
+        t.add_row(s["name"], f"{s['created']:%Y-%m-%d %H:%M:%S}",
+                  " ".join(f"{k}={v}" for k, v in sorted(s["versions"].items())), s["note"] or "")
+    console.print(t)
+
+
+@store_app.command("tag")
+def tag_cmd(
+    name: str = typer.Argument(..., help="Snapshot name, e.g. features-2024-06 (immutable)."),
+    note: str = typer.Option("", "--note", help="Free text stored with the tag."),
+) -> None:
+    """Name the current version of every table, for `--as-of NAME` and training lineage."""
+    versions = _open().tag(name, note=note)
+    console.print(f"tagged {name}: " + " ".join(f"{k}={v}" for k, v in sorted(versions.items())))
+
+
+@store_app.command("info")
+def info_cmd() -> None:
+    """Where the store is, each table's version, row count and files."""
+    store = _open()
+    t = Table("table", "version", "rows", "files", show_header=True, title=store.root, title_justify="left")
+    for name in store.snapshot() | {"snapshots": 0}:
+        dt = store.table(name)
+        adds = dt.get_add_actions(flatten=True)
+        rows = sum(x or 0 for x in adds.column("num_records").to_pylist()) if adds.num_rows else 0
+        t.add_row(name, str(dt.version()), str(rows), str(adds.num_rows))
+    console.print(t)

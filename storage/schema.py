@@ -1,0 +1,172 @@
+"""The feature store's tables: one place for their Arrow schemas, keys, partitions and version.
+
+Every table is a Delta Lake table under `<store>/<name>/`. Changing a schema means bumping
+SCHEMA_VERSION and documenting the change in README (section "Feature store and SQL schema").
+
+Embeddings are `list<float32>` (Delta `array<float>`), not `fixed_size_list`: Delta Lake has no
+fixed-size array type, so a fixed_size_list would come back as a plain list anyway, and the
+dimension differs per extractor (it is recorded in `extractors.dim`). DuckDB therefore needs a
+cast to FLOAT[n] before `array_cosine_similarity(embedding::FLOAT[1536], ...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# 1: first release (videos, extractors, captions, hidden_states, failures, runs, snapshots).
+SCHEMA_VERSION = 1
+
+TS = pa.timestamp("us", tz="UTC")
+EMBEDDING = pa.list_(pa.float32())
+COUNTS = pa.map_(pa.string(), pa.int64())
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]  # upsert key: writing a row with the same key replaces the old row
+    partition_by: tuple[str, ...] = ()
+    # Columns an upsert must not overwrite on a matched row (e.g. first_seen).
+    keep_on_update: tuple[str, ...] = ()
+    doc: str = ""
+
+
+VIDEOS = TableSpec(
+    "videos",
+    pa.schema([
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("content_sha256", pa.string()),  # sha256 of the file bytes: a changed file is a new row
+        ("bytes", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("fps", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("first_seen", TS),
+        ("last_seen", TS),
+    ]),
+    key=("video_id", "content_sha256"),
+    keep_on_update=("first_seen",),
+    doc="One row per (video, content version) seen by a run.",
+)
+
+EXTRACTORS = TableSpec(
+    "extractors",
+    pa.schema([
+        ("extractor_id", pa.string()),  # storage.extractor_id(...) of the fields below
+        ("model", pa.string()),
+        ("revision", pa.string()),
+        ("prompt", pa.string()),
+        ("frame_policy", pa.string()),
+        ("pooling", pa.string()),
+        ("code_version", pa.string()),
+        ("params", pa.string()),  # JSON of the other knobs that change features (in the hash)
+        ("dim", pa.int32()),  # hidden size D (a fact of the model, not part of the hash)
+        ("num_layers", pa.int32()),  # L decoder layers; layers 0..L and -1 (final) exist
+        ("created", TS),
+    ]),
+    key=("extractor_id",),
+    keep_on_update=("created",),
+    doc="Lineage: everything that changes the features, and its stable hash.",
+)
+
+CAPTIONS = TableSpec(
+    "captions",
+    pa.schema([
+        ("video_id", pa.string()),
+        ("content_sha256", pa.string()),
+        ("extractor_id", pa.string()),
+        ("caption", pa.string()),
+        ("text_model", pa.string()),
+        ("text_embedding", EMBEDDING),  # null when no text model ran
+    ]),
+    key=("video_id", "content_sha256", "extractor_id"),
+    partition_by=("extractor_id",),
+    doc="The generated caption and its sentence embedding.",
+)
+
+HIDDEN_STATES = TableSpec(
+    "hidden_states",
+    pa.schema([
+        ("video_id", pa.string()),
+        ("content_sha256", pa.string()),
+        ("extractor_id", pa.string()),
+        ("layer", pa.int32()),  # 0..L; -1 is `final` (after the final norm)
+        ("embedding", EMBEDDING),
+    ]),
+    key=("video_id", "content_sha256", "extractor_id", "layer"),
+    # One directory per (extractor, layer): reading one layer touches no other layer's files.
+    partition_by=("extractor_id", "layer"),
+    doc="Pooled hidden state per layer, long format. The source of truth of completeness.",
+)
+
+FAILURES = TableSpec(
+    "failures",
+    pa.schema([
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("extractor_id", pa.string()),  # '' for failures before any model ran (e.g. decode)
+        ("stage", pa.string()),  # e.g. probe | decode | extract | caption_embed | commit
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("attempts", pa.int64()),  # accumulated over record_failures calls
+        ("run_id", pa.string()),
+        ("at", TS),
+    ]),
+    key=("video_id", "extractor_id", "stage"),
+    doc="Open failures; cleared when the video later succeeds.",
+)
+
+RUNS = TableSpec(
+    "runs",
+    pa.schema([
+        ("run_id", pa.string()),
+        ("flow", pa.string()),
+        ("extractor_id", pa.string()),
+        ("started", TS),
+        ("finished", TS),  # null while running
+        ("status", pa.string()),  # running | completed | failed | partial
+        ("counts", COUNTS),  # e.g. {"ok": 10, "failed": 1, "skipped": 3}
+        ("params", pa.string()),  # JSON: the effective config of the run
+        ("snapshot", pa.string()),  # JSON {table: version} at finish_run
+        ("message", pa.string()),
+    ]),
+    key=("run_id",),
+    keep_on_update=("started",),
+    doc="One row per flow run.",
+)
+
+SNAPSHOTS = TableSpec(
+    "snapshots",
+    pa.schema([
+        ("name", pa.string()),
+        ("created", TS),
+        ("versions", COUNTS),  # {table: Delta version}
+        ("note", pa.string()),
+    ]),
+    key=("name",),
+    doc="Named snapshots (tags): the version of every table at tag time.",
+)
+
+# Data tables, in the order a batch writes them (hidden_states last: it marks completeness).
+DATA_TABLES: dict[str, TableSpec] = {
+    t.name: t for t in (VIDEOS, EXTRACTORS, CAPTIONS, FAILURES, RUNS, HIDDEN_STATES)
+}
+ALL_TABLES: dict[str, TableSpec] = {**DATA_TABLES, SNAPSHOTS.name: SNAPSHOTS}
+
+
+def table_description(spec: TableSpec) -> str:
+    """Written into each Delta table's metadata so an old store can be recognised."""
+    return f"mvrec {spec.name} schema v{SCHEMA_VERSION}"
+
+
+def parse_schema_version(description: str | None) -> int | None:
+    if not description or not description.startswith("mvrec ") or " schema v" not in description:
+        return None
+    try:
+        return int(description.rsplit(" schema v", 1)[1])
+    except ValueError:
+        return None
