@@ -158,7 +158,8 @@ def _build_processor(arch: str, tok):
         from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
         image = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-        video = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        # frames arrive already capped per frame by tasks.decode; False keeps transformers quiet
+        video = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, cap_pixels_per_frame=False)
         return Qwen2_5_VLProcessor(image_processor=image, video_processor=video, tokenizer=tok,
                                    chat_template=CHAT_TEMPLATE)
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
@@ -166,7 +167,7 @@ def _build_processor(arch: str, tok):
     image = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16)
     # Qwen3-VL's video budget counts all frames together; frames arrive already sampled.
     video = Qwen3VLVideoProcessor(size={"shortest_edge": MIN_PIXELS * 2, "longest_edge": MAX_PIXELS * MAX_FRAMES},
-                                  patch_size=16, do_sample_frames=False)
+                                  patch_size=16, do_sample_frames=False, cap_pixels_per_frame=False)
     return Qwen3VLProcessor(image_processor=image, video_processor=video, tokenizer=tok,
                             chat_template=CHAT_TEMPLATE)
 

@@ -1,1 +1,134 @@
-"""CLI commands for extract (registered on import)."""
+"""`mvrec extract VIDEO_DIR --model PATH_OR_ID --out FILE.parquet`: features without a store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mvrec.cli.common import app, console, get_config, test_model_notice
+
+
+def _rows(results, failures, info, spec, decode_kwargs) -> list[dict]:
+    """One row per video: the features, or the failure with its reason."""
+    common = {"model": info.model, "revision": info.revision, "arch": info.arch,
+              "is_test_model": info.is_test_model, "prompt": spec.prompt, "frames": decode_kwargs["policy"]}
+    rows = []
+    for r in results:
+        f, m = r.features, r.meta
+        rows.append({
+            "video_id": f.video_id, "path": r.path, "status": "ok", "error_stage": None, "error_type": None,
+            "error": None, "caption": f.caption, "layers": [int(k) for k in f.layers],
+            "hidden": f.hidden.astype("float32").tolist(), "pooling": f.pooling,
+            "n_video_tokens": f.n_video_tokens, "n_prompt_tokens": f.n_prompt_tokens, "n_new_tokens": f.n_new_tokens,
+            "num_frames": len(m.frames_indices), "fps": m.fps, "duration_s": m.duration_s,
+            "width": m.width, "height": m.height, "rotation": m.rotation, "decoder": m.backend,
+            "timings": json.dumps({"decode_s": r.decode_s, **f.timings}), **common,
+        })
+    for fl in failures:
+        rows.append({
+            "video_id": fl.video_id, "path": fl.path, "status": "failed", "error_stage": fl.stage,
+            "error_type": fl.error_type, "error": fl.message, "caption": None, "layers": None, "hidden": None,
+            "pooling": spec.pooling, "n_video_tokens": None, "n_prompt_tokens": None, "n_new_tokens": None,
+            "num_frames": None, "fps": None, "duration_s": None, "width": None, "height": None, "rotation": None,
+            "decoder": None, "timings": None, **common,
+        })
+    return rows
+
+
+def _write_parquet(rows: list[dict], out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("video_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
+        ("error_stage", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
+        ("caption", pa.string()), ("layers", pa.list_(pa.int32())), ("hidden", pa.list_(pa.list_(pa.float32()))),
+        ("pooling", pa.string()), ("n_video_tokens", pa.int32()), ("n_prompt_tokens", pa.int32()),
+        ("n_new_tokens", pa.int32()), ("num_frames", pa.int32()), ("fps", pa.float64()),
+        ("duration_s", pa.float64()), ("width", pa.int32()), ("height", pa.int32()), ("rotation", pa.int32()),
+        ("decoder", pa.string()), ("timings", pa.string()), ("model", pa.string()), ("revision", pa.string()),
+        ("arch", pa.string()), ("is_test_model", pa.bool_()), ("prompt", pa.string()), ("frames", pa.string()),
+    ])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    tmp.replace(out)  # a reader never sees half a file
+
+
+@app.command("extract")
+def extract_cmd(
+    video_dir: Path = typer.Argument(..., help="Directory of video files (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write, one row per video."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local directory [extract.model]."),
+    frames: Optional[str] = typer.Option(None, "--frames", help="uniform:N or fps:F [extract.frames]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Videos per model batch [extract.batch_size]."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="all or e.g. 0,2,final [extract.layers]."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="video | prompt | last [extract.pooling]."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption prompt [extract.prompt]."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=0, help="Caption length; 0 skips captions."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="transformers | vllm [extract.backend]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [extract.device]."),
+) -> None:
+    """Decode the videos in VIDEO_DIR, run the LVLM, write captions and per-layer pooled hidden states."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from tasks.decode import parse_policy
+    from tasks.extract import extract_videos, video_files
+    from tasks.lvlm import POOLINGS, ExtractSpec, load_backend
+
+    cfg = get_config(**{
+        "extract.model": model, "extract.frames": frames, "extract.batch_size": batch_size,
+        "extract.layers": layers, "extract.pooling": pooling, "extract.prompt": prompt,
+        "extract.max_new_tokens": max_new_tokens, "extract.backend": backend, "extract.device": device,
+    }).extract
+    if not video_dir.exists():
+        raise typer.BadParameter(f"{video_dir} does not exist", param_hint="VIDEO_DIR")
+    if cfg.pooling not in POOLINGS:
+        raise typer.BadParameter(f"{cfg.pooling!r} is not one of {', '.join(POOLINGS)}", param_hint="--pooling")
+    try:
+        parse_policy(cfg.frames)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).removeprefix("policy: "), param_hint="--frames") from None
+    paths = video_files(video_dir)
+    if not paths:
+        raise typer.BadParameter(f"no video files in {video_dir}", param_hint="VIDEO_DIR")
+
+    spec = ExtractSpec(model=cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
+                       prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens, pooling=cfg.pooling, layers=cfg.layers)
+    decode_kwargs = {"policy": cfg.frames, "max_frames": cfg.max_frames, "max_pixels": cfg.max_pixels,
+                     "max_duration_s": cfg.max_duration_s, "max_file_bytes": cfg.max_file_bytes}
+    test_model_notice(cfg.model)
+    with console.status(f"loading {cfg.model} ({cfg.backend})"):
+        lvlm = load_backend(cfg.backend, spec)
+    info = lvlm.info
+    console.print(f"{info.arch}: {info.num_layers} layers, hidden {info.hidden_size}, {info.dtype} on {info.device}; "
+                  f"{len(paths)} videos, batch {cfg.batch_size}, frames {cfg.frames}, pooling {cfg.pooling}")
+
+    start = time.perf_counter()
+    columns = [TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.2f} videos/s"), TextColumn("ETA"), TimeRemainingColumn(),
+               TimeElapsedColumn(), TextColumn("[red]{task.fields[failed]} failed")]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("extract", total=len(paths), rate=0.0, failed=0)
+
+            def on_progress(done: int, failed: int, total: int) -> None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                progress.update(task, completed=done, rate=rate, failed=failed)
+
+            results, failures = extract_videos(paths, lvlm, batch_size=cfg.batch_size, decode_kwargs=decode_kwargs,
+                                               on_progress=on_progress, decode_workers=cfg.decode_workers)
+    finally:
+        lvlm.close()
+    elapsed = time.perf_counter() - start
+    _write_parquet(_rows(results, failures, info, spec, decode_kwargs), out)
+    console.print(f"wrote {out}: {len(results)} ok, {len(failures)} failed, "
+                  f"{len(paths) / elapsed:.2f} videos/s over {elapsed:.1f} s")
+    for fl in failures[:10]:
+        console.print(f"  [red]failed[/] {fl.path}: {fl.stage} {fl.error_type}: {fl.message}", highlight=False)
+    if len(failures) > 10:
+        console.print(f"  ... and {len(failures) - 10} more (status = 'failed' rows in {out})")

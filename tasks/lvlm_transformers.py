@@ -1,0 +1,393 @@
+"""The transformers LVLM backend: Qwen2.5-VL / Qwen3-VL through AutoModelForImageTextToText.
+
+One batch goes: frames + metadata -> processor (left-padded prompts with the video tokens) ->
+one greedy `generate` whose prefill forward also yields the pooled hidden states -> per video a
+caption and a float32 (len(layers), D) matrix under the layer convention of tasks/lvlm.py.
+
+How the hidden states are taken. Forward hooks on the decoder pool every selected layer as the
+prefill runs, so no (B, S, D) tensor per layer is kept and the prompt is processed once:
+    pre-hook on layer 0    -> k = 0, the embedding output (video features merged in)
+    hook on layer k-1      -> k = 1..L, the residual stream after k layers (k = L before the norm)
+    hook on the final norm -> `final`
+The hooks fire on the first forward call only (the prefill); decode steps pass through.
+This matches transformers' `output_hidden_states` entry for entry (tests compare them), except
+that transformers replaces its last entry with the post-norm state, which is our `final`.
+For Qwen3-VL, the deepstack visual features that are added after the first layers are not in
+entries 1..3, as in `output_hidden_states` and in vLLM's layer outputs.
+
+`mode` (spec.options["mode"]): "one_pass" (default; hooks inside generate) or "two_pass" (a
+forward for the hidden states, then generate). bench/extract.py measures both against
+`generate(output_hidden_states=True, return_dict_in_generate=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tasks import torch_compat
+from tasks.lvlm import (
+    FINAL_LAYER,
+    POOLINGS,
+    BackendOOM,
+    ExtractSpec,
+    ModelInfo,
+    VideoFeatures,
+    VideoInput,
+    VideoMeta,
+    layer_rows,
+    parse_layers,
+)
+
+torch_compat.install()  # before transformers imports torchvision
+
+import torch  # noqa: E402
+
+MODES = ("one_pass", "two_pass")
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling, shared by the backend and the reference computation used in tests
+
+
+def pooling_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                    video_token_id: int) -> torch.Tensor:
+    """(B, S) float32 weights, each row summing to 1, that pool a (B, S, D) hidden state."""
+    if pooling == "video":
+        # Qwen3-VL puts timestamp text between frame groups: the mask, not a span, finds them.
+        w = (input_ids == video_token_id).float()
+    elif pooling == "prompt":
+        w = attention_mask.float()
+    elif pooling == "last":
+        w = torch.zeros_like(input_ids, dtype=torch.float32)
+        w[:, -1] = 1.0  # left padding: every prompt ends at the last position
+    else:
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    counts = w.sum(dim=1, keepdim=True)
+    if (counts == 0).any():
+        raise ValueError(f"pooling: {pooling!r} found no tokens to pool in a row of the batch")
+    return w / counts
+
+
+def pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) x (B, S) -> (B, D) float32."""
+    return torch.einsum("bs,bsd->bd", weights.to(hidden.device), hidden.float())
+
+
+def reference_pooled(model, inputs: dict, pooling: str, layers: Sequence[int]) -> np.ndarray:
+    """(B, len(layers), D) pooled straight from `output_hidden_states` of plain forward passes.
+
+    For tests: an independent route to the numbers the hooks produce. transformers puts the
+    post-norm state in its last entry; with `tie_last_hidden_states=False` the last entry is
+    the last decoder layer's own output (pre-norm), so two forwards give all L + 2 states.
+    """
+    text_config = model.config.get_text_config()
+    num_layers = text_config.num_hidden_layers
+    with torch.inference_mode():
+        tied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = after the norm
+        old = getattr(text_config, "tie_last_hidden_states", None)
+        text_config.tie_last_hidden_states = False
+        try:
+            untied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = layer L
+        finally:
+            text_config.tie_last_hidden_states = old
+    assert len(untied) == num_layers + 1, f"expected {num_layers + 1} hidden states, got {len(untied)}"
+    stack = list(untied) + [tied[-1]]  # rows 0..L, L+1 = final
+    w = pooling_weights(inputs["input_ids"], inputs["attention_mask"], pooling, model.config.video_token_id)
+    rows = layer_rows(layers, num_layers)
+    return torch.stack([pool(stack[r], w) for r in rows], dim=1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# capture hooks
+
+
+class _PooledCapture:
+    """Forward hooks that pool selected layers during the first forward after `arm()`."""
+
+    def __init__(self, decoder, num_layers: int, rows: Sequence[int]):
+        self.rows = list(rows)
+        self.weights: torch.Tensor | None = None
+        self.pooled: dict[int, torch.Tensor] = {}
+        self.armed = False
+        self.handles = []
+        wanted = set(rows)
+        layers = decoder.layers
+        if 0 in wanted:
+            self.handles.append(layers[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
+        for k in range(1, num_layers + 1):
+            if k in wanted:
+                self.handles.append(layers[k - 1].register_forward_hook(self._hook(k)))
+        # the norm hook is always on: it marks the end of the prefill
+        self.handles.append(decoder.norm.register_forward_hook(self._norm_hook(num_layers + 1, num_layers + 1 in wanted)))
+
+    def arm(self, weights: torch.Tensor) -> None:
+        self.weights, self.pooled, self.armed = weights, {}, True
+
+    def _store(self, row: int, hidden) -> None:
+        if self.armed:
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            self.pooled[row] = pool(hidden, self.weights)
+
+    def _pre_hook(self, row):
+        def hook(module, args, kwargs):
+            self._store(row, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def _hook(self, row):
+        def hook(module, args, output):
+            self._store(row, output)
+        return hook
+
+    def _norm_hook(self, row, keep):
+        def hook(module, args, output):
+            if keep:
+                self._store(row, output)
+            self.armed = False  # decode steps after the prefill pass through
+        return hook
+
+    def result(self) -> torch.Tensor:
+        """(B, len(rows), D) float32."""
+        missing = [r for r in self.rows if r not in self.pooled]
+        if missing:
+            raise RuntimeError(f"hidden-state hooks did not fire for rows {missing}")
+        return torch.stack([self.pooled[r] for r in self.rows], dim=1)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device: {device!r} is not auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def processor_metadata(meta: VideoMeta):
+    """tasks.lvlm.VideoMeta -> transformers.video_utils.VideoMetadata for already-sampled frames."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(
+        total_num_frames=meta.total_num_frames, fps=meta.fps, width=meta.width, height=meta.height,
+        duration=meta.duration_s, video_backend=meta.backend, frames_indices=list(meta.frames_indices),
+    )
+
+
+def _model_revision(model_id: str, revision: str, config) -> str:
+    """The resolved hub commit, or a hash of a local directory's config."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return commit
+    local = Path(model_id) / "config.json"
+    if local.is_file():
+        return "local-" + hashlib.sha256(local.read_bytes()).hexdigest()[:12]
+    return revision or "unknown"
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, spec: ExtractSpec):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        from tasks.test_model import is_test_model
+
+        hf_logging.disable_progress_bar()
+        if spec.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {spec.pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.mode = spec.options.get("mode", "one_pass")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        revision = spec.revision or None
+        try:
+            self.processor = AutoProcessor.from_pretrained(spec.model, revision=revision)
+            self.model = AutoModelForImageTextToText.from_pretrained(spec.model, revision=revision, dtype=self.dtype)
+        except OSError as e:
+            raise ValueError(f"model: cannot load {spec.model!r} ({str(e).splitlines()[0]})") from e
+        self.model.to(self.device).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        config = self.model.config
+        text_config = config.get_text_config()
+        self.num_layers = text_config.num_hidden_layers
+        self.video_token_id = config.video_token_id
+        self.layers = parse_layers(spec.layers, self.num_layers)
+        self.rows = layer_rows(self.layers, self.num_layers)
+        self.info = ModelInfo(
+            model=spec.model,
+            revision=_model_revision(spec.model, spec.revision, config),
+            arch=config.model_type,
+            num_layers=self.num_layers,
+            hidden_size=text_config.hidden_size,
+            is_test_model=is_test_model(spec.model),
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=self.device,
+        )
+        self.decoder = self._find_decoder()
+        self.capture = _PooledCapture(self.decoder, self.num_layers, self.rows)
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": spec.prompt}]}]
+        self.prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Extra processor arguments, e.g. {"size": {...}} to change the processor's pixel budget.
+        self.processor_kwargs = dict(spec.options.get("processor_kwargs", {}))
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_ids.add(self.tokenizer.eos_token_id)
+
+    def _find_decoder(self):
+        """The text decoder (has .layers and .norm) in Qwen2.5-VL and Qwen3-VL layouts."""
+        inner = getattr(self.model, "model", self.model)
+        for candidate in (getattr(inner, "language_model", None), self.model.get_decoder()):
+            if candidate is not None and hasattr(candidate, "layers") and hasattr(candidate, "norm"):
+                return candidate
+        raise ValueError(f"model: {self.spec.model!r} has no text decoder with .layers and .norm")
+
+    # -- preprocessing --------------------------------------------------------------------
+
+    def prepare(self, batch: Sequence[VideoInput]) -> dict:
+        """Processor outputs for a batch, on the model's device and dtype."""
+        inputs = self.processor(
+            text=[self.prompt_text] * len(batch),
+            videos=[v.frames for v in batch],
+            video_metadata=[processor_metadata(v.meta) for v in batch],
+            do_sample_frames=False,  # frames arrive already sampled by tasks.decode
+            padding=True,
+            return_tensors="pt",
+            **self.processor_kwargs,
+        )
+        out = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    # -- the model ------------------------------------------------------------------------
+
+    def _generate(self, inputs: dict) -> torch.Tensor:
+        return self.model.generate(
+            **inputs,
+            max_new_tokens=self.spec.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def run(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled (B, len(layers), D) float32, new token ids (B, T) or None)."""
+        weights = pooling_weights(inputs["input_ids"], inputs["attention_mask"], self.spec.pooling, self.video_token_id)
+        prompt_len = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            if self.spec.max_new_tokens <= 0:
+                self.capture.arm(weights)
+                self.model(**inputs)
+                return self.capture.result(), None
+            if self.mode == "two_pass":
+                self.capture.arm(weights)
+                self.model(**inputs, logits_to_keep=1)
+                pooled = self.capture.result()
+                sequences = self._generate(inputs)
+                return pooled, sequences[:, prompt_len:]
+            self.capture.arm(weights)  # the prefill inside generate fills it
+            sequences = self._generate(inputs)
+            return self.capture.result(), sequences[:, prompt_len:]
+
+    def _caption(self, new_ids: torch.Tensor) -> tuple[str, int]:
+        ids = new_ids.tolist()
+        count = len(ids)
+        for i, tok in enumerate(ids):
+            if tok in self.stop_ids:
+                count = i + 1
+                break
+        text = self.tokenizer.decode(ids[:count], skip_special_tokens=True)
+        return " ".join(text.split()), count
+
+    def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
+        if not batch:
+            return []
+        try:
+            t0 = time.perf_counter()
+            inputs = self.prepare(batch)
+            t1 = time.perf_counter()
+            pooled, new_ids = self.run(inputs)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        except Exception as e:
+            if _is_oom(e):
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                raise BackendOOM(len(batch), str(e).splitlines()[0][:200]) from e
+            raise
+        finally:
+            self.capture.armed = False
+        pooled = pooled.cpu().numpy()
+        n_video = (inputs["input_ids"] == self.video_token_id).sum(dim=1).tolist()
+        n_prompt = inputs["attention_mask"].sum(dim=1).tolist()
+        share = 1.0 / len(batch)
+        out = []
+        for i, video in enumerate(batch):
+            caption, n_new = self._caption(new_ids[i]) if new_ids is not None else ("", 0)
+            out.append(VideoFeatures(
+                video_id=video.video_id,
+                caption=caption,
+                layers=list(self.layers),
+                hidden=np.ascontiguousarray(pooled[i], dtype=np.float32),
+                pooling=self.spec.pooling,
+                n_video_tokens=int(n_video[i]),
+                n_prompt_tokens=int(n_prompt[i]),
+                n_new_tokens=n_new,
+                timings={"preprocess_s": (t1 - t0) * share, "model_s": (t2 - t1) * share},
+            ))
+        return out
+
+    def close(self) -> None:
+        self.capture.remove()
+        del self.model
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+__all__ = ["TransformersBackend", "pooling_weights", "pool", "reference_pooled", "processor_metadata",
+           "FINAL_LAYER"]
