@@ -1,1 +1,146 @@
-"""CLI commands for flows (registered on import)."""
+"""Flow commands: refresh, rerun-failed, serve, demo. Each loads the config, prepares Prefect and
+runs a flow from flows/; the work itself lives there."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from mvrec.cli.common import _state, app, console, err_console, get_config, test_model_notice
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    names = {"model": "extract.model", "backend": "extract.backend", "batch_size": "extract.batch_size",
+             "frames": "extract.frames", "store": "store.path", "task_runner": "prefect.task_runner"}
+    return {names[k]: v for k, v in flags.items() if v is not None}
+
+
+def _prepare(overrides: dict[str, Any]):
+    cfg = get_config(**overrides)  # validates flags and config before Prefect starts
+    from flows.runtime import configure_prefect
+
+    configure_prefect(cfg.prefect)
+    if cfg.extract.backend not in ("transformers", "vllm"):
+        raise ValueError(f"extract.backend: unknown backend {cfg.extract.backend!r} (choose transformers or vllm)")
+    test_model_notice(cfg.extract.model)
+    return cfg
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for key in ("run_id", "extractor_id", "discovered", "processed", "failed", "skipped_done", "skipped_broken",
+                "lvlm_batches", "seconds"):
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    for f in summary.get("failures", [])[:20]:
+        console.print(f"  failed {f['video_id']} [{f['stage']}] {f['error_type']}: {f['message']}", markup=False,
+                      highlight=False)
+
+
+_SOURCE = typer.Argument(None, help="Video directory, manifest (.txt/.csv) or URI (default: refresh.source).")
+_MODEL = typer.Option(None, "--model", "-m", help="LVLM id or local directory (default: extract.model).")
+_BACKEND = typer.Option(None, "--backend", help="transformers | vllm (default: extract.backend).")
+_BATCH = typer.Option(None, "--batch-size", min=1, help="Videos per LVLM batch.")
+_STORE = typer.Option(None, "--store", help="Feature store path or URI (default: store.path).")
+_RUNNER = typer.Option(None, "--task-runner", help="threads | dask | ray (default: prefect.task_runner).")
+
+
+@app.command()
+def refresh(
+    source: Optional[str] = _SOURCE,
+    model: Optional[str] = _MODEL,
+    backend: Optional[str] = _BACKEND,
+    batch_size: Optional[int] = _BATCH,
+    store: Optional[str] = _STORE,
+    task_runner: Optional[str] = _RUNNER,
+    interactions: Optional[str] = typer.Option(
+        None, "--interactions", help="MicroLens pairs file: retrain the recommender after extracting."),
+) -> None:
+    """Run the nightly refresh once: extract new/changed videos, embed captions, optionally retrain."""
+    overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, task_runner=task_runner)
+    cfg = _prepare(overrides)
+    source = source or cfg.refresh.source
+    if "://" not in source and not os.path.exists(source):
+        raise FileNotFoundError(f"video source not found: {source}")
+    from flows.refresh import nightly_refresh
+
+    result = nightly_refresh(source, overrides=overrides, interactions=interactions,
+                             config_path=str(_state["config_path"]) if _state["config_path"] else None)
+    _print_summary("refresh", result["extract"])
+    console.print(f"captions embedded: {result['captions_embedded']}")
+    if result.get("train"):
+        console.print(f"retrained: {json.dumps(result['train'], default=str)}", markup=False)
+
+
+@app.command("rerun-failed")
+def rerun_failed(
+    source: Optional[str] = _SOURCE,
+    model: Optional[str] = _MODEL,
+    backend: Optional[str] = _BACKEND,
+    store: Optional[str] = _STORE,
+) -> None:
+    """Reprocess only the videos with open failures for the configured extractor."""
+    overrides = _overrides(model=model, backend=backend, store=store)
+    cfg = _prepare(overrides)
+    source = source or cfg.refresh.source
+    from flows.extract import extract_features
+
+    state = extract_features(source, overrides=overrides, only_failed=True, return_state=True,
+                             config_path=str(_state["config_path"]) if _state["config_path"] else None)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        err_console.print(f"error: {summary}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    _print_summary("rerun-failed", summary)
+
+
+@app.command()
+def serve(
+    source: Optional[str] = _SOURCE,
+    cron: Optional[str] = typer.Option(None, "--cron", help='Schedule, e.g. "0 2 * * *" (default: refresh.cron).'),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: refresh.deployment)."),
+    interactions: Optional[str] = typer.Option(None, "--interactions", help="Retrain on this pairs file each run."),
+) -> None:
+    """Serve the nightly refresh as a scheduled Prefect deployment (needs a Prefect server)."""
+    cfg = get_config()
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("serve: schedules need a Prefect server; start one (`prefect server start`) and set "
+                         "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api (see README, Flows)")
+    from prefect.client.schemas.schedules import CronSchedule
+
+    cron = cron or cfg.refresh.cron
+    try:
+        CronSchedule(cron=cron)
+    except Exception as e:  # pydantic ValidationError
+        raise ValueError(f"--cron: {cron!r} is not a valid cron expression") from e
+    from flows.runtime import configure_prefect
+
+    configure_prefect(cfg.prefect)
+    from flows.refresh import nightly_refresh
+
+    params = {"source": source or cfg.refresh.source, "interactions": interactions}
+    console.print(f"serving deployment nightly-refresh/{name or cfg.refresh.deployment} on {cron!r}")
+    nightly_refresh.serve(name=name or cfg.refresh.deployment, cron=cron, parameters=params)
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("./.mvrec/demo", "--out", help="Where the demo corpus, model and results go."),
+    videos: int = typer.Option(200, "--videos", min=4, help="Demo videos."),
+    users: int = typer.Option(2000, "--users", min=10, help="Demo users."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The whole pipeline end to end on embedded defaults: corpus, test model, extract, store, train, report."""
+    cfg = get_config()
+    from flows.runtime import configure_prefect
+
+    configure_prefect(cfg.prefect)
+    from flows.demo import run_demo
+
+    run_demo(out=out, videos=videos, users=users, seed=seed, console=console)

@@ -1,0 +1,372 @@
+"""extract_features: the extraction DAG.
+
+    discover-videos -> hash-videos -> plan-work (skip what the store already has)
+        -> for each batch:  decode-video (CPU pool, runs ahead)  ->  lvlm-batch  ->  commit-batch
+        -> finish-run
+
+Decoding is submitted `lookahead` batches ahead, so while the model works on batch i the pool
+decodes batch i+1. Results are committed every `commit_size` videos; a crash loses at most the
+uncommitted group, and the next run redoes exactly those (the store's upserts are idempotent).
+
+Failures:
+- DecodeError (corrupt, empty, no video stream, too long/large) is permanent: recorded once, not
+  retried, and skipped by later runs until the file changes or `mvrec rerun-failed` asks for it.
+- Anything else while decoding is treated as transient and retried with backoff (task retries).
+- An out-of-memory batch is split in half and tried again, down to single videos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import mvrec
+from mvrec.config import Config, load_config
+from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
+from tasks.decode import DecodeError, decode
+from tasks.discover import VideoRef, discover_videos, hash_videos, local_copy
+from tasks.lvlm import ExtractSpec, LVLMBackend, VideoFeatures, VideoInput, load_backend
+
+# Part of every extractor's lineage: bump when a change here or in tasks/ changes the features.
+FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
+
+PERMANENT_ERRORS = {"DecodeError", "Unreadable", "NoVideoStream", "ZeroFrames", "TooLong", "TooLarge",
+                    "VideoRejected"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain helpers (no Prefect): testable on their own
+
+
+def model_revision(model: str, revision: str) -> str:
+    """A revision for lineage, known without loading weights.
+
+    Local directory: a hash of its config and the names and sizes of its weight files.
+    Hub id: the configured revision, or "main".
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.name == "config.json":
+                digest.update(f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin"):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        return revision or f"local-{digest.hexdigest()[:12]}"
+    return revision or "main"
+
+
+def extract_spec(cfg: Config) -> ExtractSpec:
+    e, v = cfg.extract, cfg.vllm
+    return ExtractSpec(model=e.model, revision=e.revision, device=e.device, dtype=e.dtype, prompt=e.prompt,
+                       max_new_tokens=e.max_new_tokens, pooling=e.pooling, layers=e.layers,
+                       options=asdict(v) if e.backend == "vllm" else {})
+
+
+def extractor_record(cfg: Config) -> ExtractorRecord:
+    """Everything that changes the features. The backend is not part of it: both backends give the
+    same vectors (tests/test_vllm.py holds them to 1e-4), so their rows are interchangeable."""
+    e = cfg.extract
+    return ExtractorRecord(
+        model=e.model, revision=model_revision(e.model, e.revision), prompt=e.prompt, frame_policy=e.frames,
+        pooling=e.pooling, code_version=FEATURE_CODE_VERSION,
+        params={"layers": e.layers, "dtype": e.dtype, "max_frames": e.max_frames, "max_pixels": e.max_pixels,
+                "max_new_tokens": e.max_new_tokens})
+
+
+def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failures: Sequence[dict],
+              only_failed: bool = False) -> tuple[list[VideoRef], dict[str, int]]:
+    """Which videos need the model: not completed for this (sha, extractor), and not known to be
+    permanently broken (unless only_failed, which takes exactly the videos with open failures)."""
+    failed_ids = {f["video_id"] for f in failures}
+    permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures
+                 if f["error_type"] in PERMANENT_ERRORS}
+    todo, counts = [], {"done": 0, "known_broken": 0, "not_failed": 0}
+    for ref in videos:
+        if (ref.video_id, ref.content_sha256) in completed:
+            counts["done"] += 1
+        elif only_failed and ref.video_id not in failed_ids:
+            counts["not_failed"] += 1
+        elif not only_failed and ((ref.video_id, ref.content_sha256) in permanent or (ref.video_id, "") in permanent):
+            counts["known_broken"] += 1
+        else:
+            todo.append(ref)
+    return todo, counts
+
+
+class BatchOOM(RuntimeError):
+    """Raised by a backend when a batch does not fit in memory (see tasks.lvlm.BackendOOM)."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    if type(e).__name__ in ("BackendOOM", "OutOfMemoryError", "BatchOOM"):
+        return True
+    return isinstance(e, (MemoryError, RuntimeError)) and "out of memory" in str(e).lower()
+
+
+def extract_with_split(backend: LVLMBackend, batch: Sequence[VideoInput]) -> tuple[list[VideoFeatures], list[dict]]:
+    """Run a batch; on out-of-memory split it in half and try each half, down to one video.
+
+    Returns (features, failures) where a failure is {video_id, stage, error_type, message}.
+    Per-video errors the backend raises for one input (e.g. vLLM rejecting a video) become failures
+    of that video only; they never stop the rest of the batch.
+    """
+    try:
+        return backend.extract(batch), []
+    except Exception as e:  # noqa: BLE001 - classified below
+        if _is_oom(e) and len(batch) > 1:
+            half = len(batch) // 2
+            left, right = extract_with_split(backend, batch[:half]), extract_with_split(backend, batch[half:])
+            return left[0] + right[0], left[1] + right[1]
+        if len(batch) > 1:  # find the culprit: one at a time
+            feats, fails = [], []
+            for video in batch:
+                f, bad = extract_with_split(backend, [video])
+                feats += f
+                fails += bad
+            return feats, fails
+        return [], [{"video_id": batch[0].video_id, "stage": "lvlm", "error_type": type(e).__name__,
+                     "message": str(e)[:2000]}]
+
+
+# One loaded backend per process: loading a model is the expensive part, batches reuse it.
+_BACKENDS: dict[str, tuple[LVLMBackend, threading.Lock]] = {}
+_BACKENDS_LOCK = threading.Lock()
+LVLM_CALLS = {"batches": 0, "videos": 0}  # per process; tests and the bench read it
+
+
+def get_backend(name: str, spec: ExtractSpec) -> tuple[LVLMBackend, threading.Lock]:
+    key = json.dumps([name, asdict(spec)], sort_keys=True, default=str)
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            _BACKENDS[key] = (load_backend(name, spec), threading.Lock())
+        return _BACKENDS[key]
+
+
+def close_backends() -> None:
+    with _BACKENDS_LOCK:
+        for backend, _ in _BACKENDS.values():
+            backend.close()
+        _BACKENDS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@task(name="discover-videos", cache_policy=NO_CACHE)
+def discover_task(source: str | list[str]) -> list[VideoRef]:
+    return discover_videos(source)
+
+
+@task(name="hash-videos", cache_policy=NO_CACHE)
+def hash_task(refs: list[VideoRef]) -> tuple[list[VideoRef], list[tuple[VideoRef, str]]]:
+    return hash_videos(refs)
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry everything but a DecodeError: a corrupt file stays corrupt."""
+    try:
+        state.result()
+    except DecodeError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+@task(name="decode-video", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+def decode_task(ref: VideoRef, frames: str, max_frames: int, max_pixels: int, max_duration_s: float,
+                max_file_bytes: int, cache_dir: str) -> VideoInput:
+    return decode(local_copy(ref.uri, cache_dir), policy=frames, max_frames=max_frames, max_pixels=max_pixels,
+                  max_duration_s=max_duration_s, max_file_bytes=max_file_bytes, video_id=ref.video_id)
+
+
+@task(name="lvlm-batch", cache_policy=NO_CACHE)
+def lvlm_task(videos: list[VideoInput], backend_name: str, spec: ExtractSpec) -> tuple[list[VideoFeatures], list[dict], dict]:
+    backend, lock = get_backend(backend_name, spec)
+    with lock:  # one batch at a time per loaded model
+        features, failures = extract_with_split(backend, videos)
+    LVLM_CALLS["batches"] += 1
+    LVLM_CALLS["videos"] += len(videos)
+    info = backend.info
+    return features, failures, {"dim": info.hidden_size, "num_layers": info.num_layers,
+                                "is_test_model": info.is_test_model}
+
+
+@task(name="commit-batch", cache_policy=NO_CACHE)
+def commit_task(store: FeatureStore, batch: ExtractionBatch) -> dict[str, int]:
+    return store.write_batch(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow
+
+
+@dataclass
+class ExtractSummary:
+    run_id: str
+    extractor_id: str
+    discovered: int = 0
+    skipped_done: int = 0
+    skipped_broken: int = 0
+    processed: int = 0
+    failed: int = 0
+    transient_failed: int = 0
+    lvlm_batches: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+
+def _video_row(ref: VideoRef, video: VideoInput | None) -> VideoRow:
+    m = video.meta if video is not None else None
+    return VideoRow(video_id=ref.video_id, uri=ref.uri, content_sha256=ref.content_sha256, bytes=ref.bytes,
+                    duration_s=m.duration_s if m else None, fps=m.fps if m else None,
+                    width=m.source_width or m.width if m else None, height=m.source_height or m.height if m else None)
+
+
+def _failure(ref: VideoRef, stage: str, error: BaseException | None, run_id: str, extractor_id: str = "",
+             error_type: str = "", message: str = "") -> FailureRow:
+    return FailureRow(video_id=ref.video_id, uri=ref.uri, stage=stage,
+                      error_type=error_type or type(error).__name__,
+                      message=(message or str(error))[:2000], extractor_id=extractor_id, run_id=run_id)
+
+
+@flow(name="extract-features", log_prints=True)
+def extract_features(source: str | list[str], overrides: dict[str, Any] | None = None,
+                     only_failed: bool = False, config_path: str | None = None) -> dict:
+    """Extract captions and per-layer hidden states for every new or changed video in `source`.
+
+    overrides: {"section.key": value} on top of mvrec.toml and MVREC_* (e.g. {"extract.model": ...}).
+    only_failed: process only videos with open failures (what `mvrec rerun-failed` does).
+    """
+    started = time.perf_counter()
+    cfg = load_config(config_path, overrides=overrides)
+    e = cfg.extract
+    log = get_run_logger()
+    store = open_store(cfg.store)
+    record = extractor_record(cfg)
+    eid = record.extractor_id
+    run_id = store.start_run("extract-features", extractor_id=eid,
+                             params={"source": source, "only_failed": only_failed, **(overrides or {})})
+    summary = ExtractSummary(run_id=run_id, extractor_id=eid)
+
+    refs = discover_task(source)
+    hashed, unreadable = hash_task(refs)
+    summary.discovered = len(refs)
+    todo, counts = plan_work(hashed, store.completed(eid), store.failures(eid), only_failed=only_failed)
+    summary.skipped_done, summary.skipped_broken = counts["done"], counts["known_broken"]
+    log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
+             counts["done"], counts["known_broken"], len(unreadable))
+
+    spec = extract_spec(cfg)
+    decode_opts = dict(frames=e.frames, max_frames=e.max_frames, max_pixels=e.max_pixels,
+                       max_duration_s=e.max_duration_s, max_file_bytes=e.max_file_bytes,
+                       cache_dir=str(Path(cfg.store.path).parent / "cache") if "://" not in cfg.store.path
+                       else "./.mvrec/cache")
+    decoder = decode_task.with_options(retries=cfg.prefect.task_retries,
+                                       retry_delay_seconds=[cfg.prefect.retry_delay_s * 2**i
+                                                            for i in range(max(cfg.prefect.task_retries, 1))])
+    lvlm = lvlm_task.with_options(tags=[cfg.prefect.gpu_tag])
+
+    pending = ExtractionBatch(failures=[_failure(r, "read", None, run_id, error_type="Unreadable", message=why)
+                                        for r, why in unreadable])
+    pending_videos = 0
+    extractor_written = False
+
+    all_failures: list[FailureRow] = []
+
+    def flush(force: bool = False) -> None:
+        nonlocal pending, pending_videos
+        if pending_videos and (force or pending_videos >= e.commit_size) or (force and pending.failures):
+            commit_task(store, pending)
+            all_failures.extend(pending.failures)
+            pending, pending_videos = ExtractionBatch(), 0
+
+    batches = [todo[i:i + e.batch_size] for i in range(0, len(todo), e.batch_size)]
+    lookahead = 2  # batches decoded ahead of the model
+    decoding: deque = deque()
+    in_model: deque = deque()
+    next_batch = 0
+
+    def submit_decodes() -> None:
+        nonlocal next_batch
+        while next_batch < len(batches) and len(decoding) < lookahead:
+            refs_ = batches[next_batch]
+            decoding.append((refs_, [decoder.submit(r, **decode_opts) for r in refs_]))
+            next_batch += 1
+
+    def collect_model_result() -> None:
+        nonlocal pending_videos, extractor_written
+        refs_, videos, future = in_model.popleft()
+        features, failures, info = future.result()
+        summary.lvlm_batches += 1
+        if not extractor_written:
+            store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": info["dim"],
+                                                      "num_layers": info["num_layers"]}))
+            extractor_written = True
+        by_id = {r.video_id: r for r in refs_}
+        videos_by_id = {v.video_id: v for v in videos}
+        for feat in features:
+            ref = by_id[feat.video_id]
+            pending.videos.append(_video_row(ref, videos_by_id[feat.video_id]))
+            pending.captions.append({"video_id": ref.video_id, "content_sha256": ref.content_sha256,
+                                     "extractor_id": eid, "caption": feat.caption})
+            pending.hidden_states.extend(
+                {"video_id": ref.video_id, "content_sha256": ref.content_sha256, "extractor_id": eid,
+                 "layer": int(layer), "embedding": feat.hidden[row]}
+                for row, layer in enumerate(feat.layers))
+            summary.processed += 1
+        for fail in failures:
+            ref = by_id[fail["video_id"]]
+            pending.failures.append(_failure(ref, fail["stage"], None, run_id, eid, fail["error_type"], fail["message"]))
+            summary.failed += 1
+        pending_videos += len(refs_)
+        flush()
+
+    submit_decodes()
+    while decoding:
+        refs_, futures = decoding.popleft()
+        videos = []
+        for ref, fut in zip(refs_, futures):
+            try:
+                videos.append(fut.result())
+            except DecodeError as err:
+                pending.failures.append(_failure(ref, "decode", err, run_id))
+                summary.failed += 1
+            except Exception as err:  # noqa: BLE001 - transient, retries exhausted
+                pending.failures.append(_failure(ref, "decode", err, run_id))
+                summary.failed += 1
+                summary.transient_failed += 1
+        submit_decodes()
+        if videos:
+            in_model.append((refs_, videos, lvlm.submit(videos, e.backend, spec)))
+        while in_model and (len(in_model) > 1 or not decoding):
+            collect_model_result()
+    flush(force=True)
+
+    summary.seconds = time.perf_counter() - started
+    summary.failures = [{"video_id": f.video_id, "stage": f.stage, "error_type": f.error_type, "message": f.message}
+                        for f in all_failures]
+    status = "completed" if summary.transient_failed == 0 else "failed"
+    store.finish_run(run_id, status=status, counts={
+        "discovered": summary.discovered, "processed": summary.processed, "failed": summary.failed,
+        "skipped_done": summary.skipped_done, "skipped_broken": summary.skipped_broken,
+        "lvlm_batches": summary.lvlm_batches})
+    log.info("run %s: %d processed, %d failed, %d skipped in %.1fs", run_id, summary.processed, summary.failed,
+             summary.skipped_done + summary.skipped_broken, summary.seconds)
+    result = asdict(summary)
+    if summary.transient_failed:
+        # Fail the flow run so it can be retried (`prefect flow-run retry`); what succeeded is committed.
+        raise RuntimeError(f"{summary.transient_failed} video(s) failed with transient errors after retries; "
+                           f"run `mvrec rerun-failed` or retry this flow run")
+    return result

@@ -1,0 +1,81 @@
+"""nightly_refresh: new and changed videos -> caption vectors -> (optional) retraining.
+
+    extract-features (subflow) -> embed-captions -> train-recommender (if interactions are set)
+
+`mvrec refresh` runs it once; `mvrec serve --cron "0 2 * * *"` serves it as a deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.extract import extract_features, extractor_record
+from mvrec.config import load_config
+from storage import FeatureStore, open_store
+
+
+def captions_to_embed(store: FeatureStore, extractor_id: str, text_model: str) -> list[dict]:
+    """Caption rows of this extractor without a vector from `text_model`."""
+    t = store.read("captions")
+    t = t.filter(pc.equal(t.column("extractor_id"), extractor_id))
+    rows = t.to_pylist()
+    return [r for r in rows if r.get("text_embedding") is None or r.get("text_model") != text_model]
+
+
+@task(name="embed-captions", cache_policy=NO_CACHE)
+def embed_captions(store: FeatureStore, extractor_id: str, text_model: str, batch_size: int = 256) -> int:
+    """Add sentence vectors to captions that lack them. Returns how many were embedded."""
+    from tasks.text_embed import embed_texts
+
+    rows = captions_to_embed(store, extractor_id, text_model)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        vectors = embed_texts([r["caption"] for r in chunk], text_model)
+        for row, vec in zip(chunk, vectors):
+            row["text_model"] = text_model
+            row["text_embedding"] = np.asarray(vec, dtype=np.float32)
+        store.upsert_captions(chunk)
+    return len(rows)
+
+
+@task(name="train-recommender", cache_policy=NO_CACHE)
+def train_recommender(config_path: str | None, overrides: dict[str, Any] | None, interactions: str,
+                      extractor_id: str) -> dict:
+    """Retrain the DFF recommender on the refreshed features (recorded with their snapshot)."""
+    from recommender.pipeline import train_from_store
+
+    cfg = load_config(config_path, overrides=overrides)
+    return train_from_store(cfg, interactions=interactions, extractor_id=extractor_id, representation="dff")
+
+
+@flow(name="nightly-refresh", log_prints=True)
+def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None = None,
+                    interactions: str | None = None, config_path: str | None = None) -> dict:
+    """Extract what is new or changed under `source`, embed new captions, and retrain if
+    `interactions` (a MicroLens pairs file) is given. Defaults come from [refresh] in the config."""
+    log = get_run_logger()
+    cfg = load_config(config_path, overrides=overrides)
+    source = source or cfg.refresh.source
+    interactions = interactions if interactions is not None else cfg.refresh.interactions
+    state = extract_features(source, overrides=overrides, config_path=config_path, return_state=True)
+    extraction_failed = state.is_failed()
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        # Transient failures: what succeeded is committed; carry on with it and fail at the end.
+        summary = {"error": str(summary)}
+    store = open_store(cfg.store)
+    eid = extractor_record(cfg).extractor_id
+    embedded = embed_captions(store, eid, cfg.extract.text_model)
+    log.info("embedded %d captions with %s", embedded, cfg.extract.text_model)
+    trained = None
+    if interactions:
+        trained = train_recommender(config_path, overrides, interactions, eid)
+    result = {"extract": summary, "captions_embedded": embedded, "train": trained, "extractor_id": eid}
+    if extraction_failed:
+        raise RuntimeError(f"extraction had transient failures: {summary.get('error', '')}")
+    return result
