@@ -201,9 +201,9 @@ def make_title(topic: int, rng: np.random.Generator, n_topics: int) -> str:
     words = []
     for _ in range(int(rng.integers(3, 7))):
         u = rng.random()
-        if u < 0.2:
+        if u < 0.12:
             words.append(str(rng.choice(TOPICS[topic].words)))
-        elif u < 0.28:
+        elif u < 0.20:
             other = int(rng.integers(n_topics))
             words.append(str(rng.choice(TOPICS[other].words)))
         else:
