@@ -66,6 +66,29 @@ def check_read_only(sql: str) -> None:
                             f"here (allowed: {ALLOWED})")
 
 
+class Result:
+    """The rows of one executed statement (only fetching is exposed, not the connection)."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection):
+        self._cur = cursor
+        self.description = cursor.description
+
+    def fetchone(self) -> tuple | None:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[tuple]:
+        return self._cur.fetchall()
+
+    def fetchmany(self, size: int = 1) -> list[tuple]:
+        return self._cur.fetchmany(size)
+
+    def arrow(self) -> pa.Table:
+        return self._cur.to_arrow_table()
+
+    def df(self):
+        return self._cur.df()
+
+
 class ReadOnlyConnection:
     """A DuckDB connection with one view per store table; runs read-only statements only."""
 
@@ -94,7 +117,11 @@ class ReadOnlyConnection:
         check_read_only(query)
         return self._con.sql(query, params=params)
 
-    execute = sql
+    def execute(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> "Result":
+        """Run one read-only statement; returns a cursor-like Result (fetchone/fetchall/arrow/df)."""
+        check_read_only(query)
+        # Not a cursor(): registered views live in this connection only.
+        return Result(self._con.execute(query, params))
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
@@ -130,9 +157,11 @@ class ReadOnlyConnection:
             WITH q AS (
                 SELECT embedding::FLOAT[{d}] AS e FROM hidden_states
                 WHERE extractor_id = $eid AND layer = $layer AND video_id = $vid LIMIT 1)
-            SELECT h.video_id, array_cosine_similarity(h.embedding::FLOAT[{d}], q.e) AS score
-            FROM hidden_states h, q
-            WHERE h.extractor_id = $eid AND h.layer = $layer AND h.video_id <> $vid
+            SELECT * FROM (
+                SELECT h.video_id, array_cosine_similarity(h.embedding::FLOAT[{d}], q.e) AS score
+                FROM hidden_states h, q
+                WHERE h.extractor_id = $eid AND h.layer = $layer AND h.video_id <> $vid)
+            WHERE NOT isnan(score)  -- a zero vector has no direction
             ORDER BY score DESC LIMIT {int(k)}"""
         params = {"eid": extractor_id, "layer": int(layer), "vid": str(video_id)}
         exists = self._con.execute(

@@ -166,6 +166,10 @@ class FeatureMatrix:
     def missing(self) -> list[str]:
         return [i for i, ok in zip(self.item_ids, self.present) if not ok]
 
+    def __iter__(self):
+        """Unpacks as `values, missing = store.layer_matrix(..., strict=False)`."""
+        return iter((self.values, self.missing))
+
 
 class MissingItemsError(ValueError):
     """Some requested items have no feature row; `.missing` lists them."""
@@ -366,8 +370,7 @@ class FeatureStore:
     def _ensure(self, spec: TableSpec) -> None:
         uri = self.uri(spec.name)
         if DeltaTable.is_deltatable(uri, self.storage_options):
-            found = parse_schema_version(DeltaTable(uri, storage_options=self.storage_options,
-                                                    without_files=True).metadata().description)
+            found = parse_schema_version(DeltaTable(uri, storage_options=self.storage_options).metadata().description)
             if found is not None and found > SCHEMA_VERSION:
                 raise ValueError(f"{uri}: written with store schema v{found}, this mvrec reads up "
                                  f"to v{SCHEMA_VERSION}; upgrade mvrec")
@@ -653,14 +656,14 @@ class FeatureStore:
 
     def _layer_dataset(self, extractor_id: str, layer: int, version: int | None):
         dt = self.table("hidden_states", version)
-        return dt, dt.to_pyarrow_dataset(partitions=[("extractor_id", "=", extractor_id),
+        return dt, dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id),
                                                      ("layer", "=", str(int(layer)))])
 
     def layers(self, extractor_id: str, as_of: AsOf = None) -> list[int]:
         """The layer indices stored for an extractor (final is -1)."""
         dt = self.table("hidden_states", self.version_of("hidden_states", as_of))
         out = set()
-        for part in dt.partitions(partition_filters=[("extractor_id", "=", extractor_id)]):
+        for part in dt.partitions(file_pruning_predicate=[("extractor_id", "=", extractor_id)]):
             out.add(int(part["layer"]))
         return sorted(out)
 
@@ -675,7 +678,7 @@ class FeatureStore:
         want = sorted(set(int(k) for k in layers)) if layers is not None else self.layers(extractor_id, version)
         if not want:
             return set()
-        ds = dt.to_pyarrow_dataset(partitions=[("extractor_id", "=", extractor_id)])
+        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id)])
         keys = ds.to_table(columns=["video_id", "content_sha256", "layer"],
                            filter=pc.field("layer").isin(want))
         counts = keys.group_by(["video_id", "content_sha256"]).aggregate([("layer", "count_distinct")])
@@ -752,7 +755,7 @@ class FeatureStore:
                        strict: bool = True) -> FeatureMatrix:
         """Caption text embeddings for `item_ids`, like layer_matrix (int as_of: captions version)."""
         dt = self.table("captions", self.version_of("captions", as_of))
-        ds = dt.to_pyarrow_dataset(partitions=[("extractor_id", "=", extractor_id)])
+        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id)])
         t = ds.to_table(columns=["video_id", "content_sha256", "text_embedding"])
         return self._matrix(t, "text_embedding", item_ids, f"captions[{extractor_id}].text_embedding",
                             as_of, strict, dt.version())

@@ -1,0 +1,353 @@
+"""Feature store: idempotent upserts, atomic commits under SIGKILL and concurrent readers,
+layer matrices in item order, snapshots. Real Delta tables in tmp_path; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import (
+    CaptionRow,
+    ExtractionBatch,
+    ExtractorRecord,
+    FailureRow,
+    FeatureStore,
+    HiddenStateRow,
+    MissingItemsError,
+    VideoRow,
+    extractor_id,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 16
+LAYERS = [0, 1, 2, -1]
+
+
+def _vec(video: int, layer: int) -> np.ndarray:
+    """A deterministic embedding, so reads can be checked value by value."""
+    return (np.arange(D, dtype=np.float32) + 100 * video + layer).astype(np.float32)
+
+
+def _batch(eid: str, videos: range) -> ExtractionBatch:
+    return ExtractionBatch(
+        videos=[VideoRow(f"v{i}", f"/data/v{i}.mp4", f"sha{i}", 1000 + i, 3.0, 30.0, 224, 224) for i in videos],
+        captions=[CaptionRow(f"v{i}", f"sha{i}", eid, f"video {i}", "minilm", np.full(4, i, np.float32))
+                  for i in videos],
+        hidden_states=[HiddenStateRow(f"v{i}", f"sha{i}", eid, k, _vec(i, k)) for i in videos for k in LAYERS],
+    )
+
+
+def _counts(store: FeatureStore) -> dict[str, int]:
+    return {name: store.table(name).to_pyarrow_dataset().count_rows()
+            for name in ("videos", "captions", "hidden_states", "failures", "extractors")}
+
+
+@pytest.fixture()
+def store(tmp_path) -> FeatureStore:
+    return FeatureStore(tmp_path / "store")
+
+
+@pytest.fixture()
+def eid(store) -> str:
+    return store.upsert_extractor(ExtractorRecord("tiny-qwen", "abc", "Describe.", "uniform:8", "video", "1",
+                                                  params={"dtype": "float32"}, dim=D, num_layers=2))
+
+
+def test_same_batch_twice_leaves_counts_unchanged(store, eid):
+    first = store.write_batch(_batch(eid, range(5)))
+    before = _counts(store)
+    assert before == {"videos": 5, "captions": 5, "hidden_states": 20, "failures": 0, "extractors": 1}
+    second = store.write_batch(_batch(eid, range(5)))
+    assert _counts(store) == before
+    assert second["hidden_states"] == first["hidden_states"] + 1  # a new commit, same rows
+    store.upsert_extractor(ExtractorRecord("tiny-qwen", "abc", "Describe.", "uniform:8", "video", "1",
+                                           params={"dtype": "float32"}, dim=D, num_layers=2))
+    assert _counts(store)["extractors"] == 1
+    # Overlapping batch: only the new videos add rows.
+    store.write_batch(_batch(eid, range(3, 8)))
+    assert _counts(store)["hidden_states"] == 8 * len(LAYERS)
+
+
+def test_duplicate_keys_inside_one_batch_keep_the_last(store, eid):
+    rows = [HiddenStateRow("v1", "s", eid, 0, np.zeros(D)), HiddenStateRow("v1", "s", eid, 0, np.ones(D))]
+    store.upsert_hidden_states(rows)
+    fm = store.layer_matrix(eid, 0, ["v1"])
+    assert fm.values.tolist() == [[1.0] * D]
+
+
+def test_upsert_is_exact_when_in_lists_overmatch(store, eid):
+    # (v1, a) and (v2, b) stored; upserting (v1, b) and (v2, a) must not touch them.
+    store.upsert_hidden_states([HiddenStateRow("v1", "a", eid, 0, np.full(D, 1.0)),
+                                HiddenStateRow("v2", "b", eid, 0, np.full(D, 2.0))])
+    store.upsert_hidden_states([HiddenStateRow("v1", "b", eid, 0, np.full(D, 3.0)),
+                                HiddenStateRow("v2", "a", eid, 0, np.full(D, 4.0))])
+    t = store.read("hidden_states").to_pylist()
+    got = {(r["video_id"], r["content_sha256"]): r["embedding"][0] for r in t}
+    assert got == {("v1", "a"): 1.0, ("v2", "b"): 2.0, ("v1", "b"): 3.0, ("v2", "a"): 4.0}
+
+
+def test_videos_keep_first_seen_and_failures_accumulate_then_clear(store, eid):
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    store.upsert_videos([VideoRow("v1", "/a.mp4", "s1", first_seen=t0, last_seen=t0)])
+    store.upsert_videos([VideoRow("v1", "/a.mp4", "s1", first_seen=t0 + timedelta(days=9),
+                                  last_seen=t0 + timedelta(days=9))])
+    (row,) = store.read("videos").to_pylist()
+    assert row["first_seen"] == t0 and row["last_seen"] == t0 + timedelta(days=9)
+
+    fail = FailureRow("v1", "extract", "RuntimeError", "boom", extractor_id=eid, run_id="r1")
+    store.record_failures([fail])
+    store.record_failures([fail, FailureRow("v1", "decode", "ValueError", "bad header")])
+    rows = {(r["stage"], r["extractor_id"]): r["attempts"] for r in store.failures(eid)}
+    assert rows == {("extract", eid): 2, ("decode", ""): 1}
+    # Success for v1 under eid clears its failures for eid and its model-independent ones.
+    store.write_batch(ExtractionBatch(hidden_states=[HiddenStateRow("v1", "s1", eid, 0, np.ones(D))]))
+    assert store.failures() == []
+
+
+def test_failures_of_a_batch_are_not_cleared_by_the_same_batch(store, eid):
+    batch = _batch(eid, range(2))
+    batch.failures = [FailureRow("v9", "decode", "ValueError", "bad"),
+                      FailureRow("v1", "caption_embed", "OSError", "x", extractor_id=eid)]
+    store.write_batch(batch)
+    assert sorted(r["video_id"] for r in store.failures()) == ["v1", "v9"]
+
+
+def test_completed_requires_every_layer(store, eid):
+    store.write_batch(_batch(eid, range(3)))
+    store.upsert_hidden_states([HiddenStateRow("v7", "sha7", eid, 0, _vec(7, 0))])  # one layer only
+    assert store.completed(eid) == {("v0", "sha0"), ("v1", "sha1"), ("v2", "sha2")}
+    assert ("v7", "sha7") in store.completed(eid, layers=[0])
+    assert store.completed("other-extractor") == set()
+    assert store.layers(eid) == [-1, 0, 1, 2]
+
+
+def test_layer_matrix_in_item_order_with_missing_report(store, eid):
+    store.write_batch(_batch(eid, range(6)))
+    ids = ["v4", "v0", "v5", "v2"]
+    fm = store.layer_matrix(eid, 1, ids)
+    assert fm.values.dtype == np.float32 and fm.values.shape == (4, D)
+    np.testing.assert_array_equal(fm.values, np.stack([_vec(4, 1), _vec(0, 1), _vec(5, 1), _vec(2, 1)]))
+    final = store.layer_matrix(eid, -1, ["v3"])
+    np.testing.assert_array_equal(final.values[0], _vec(3, -1))
+
+    with pytest.raises(MissingItemsError) as e:
+        store.layer_matrix(eid, 1, ["v1", "nope", "v2", "gone"])
+    assert e.value.missing == ["nope", "gone"] and "nope" in str(e.value)
+
+    fm = store.layer_matrix(eid, 1, ["v1", "nope", "v2"], strict=False)
+    assert fm.present.tolist() == [True, False, True] and fm.missing == ["nope"]
+    assert not fm.values[1].any()
+    values, missing = fm  # unpacks as (values, missing)
+    assert missing == ["nope"] and values.shape == (3, D)
+
+    cm = store.caption_matrix(eid, ["v5", "v1"])
+    assert cm.values.tolist() == [[5.0] * 4, [1.0] * 4]
+
+
+def test_layer_matrix_picks_the_current_content_version(store, eid):
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    store.upsert_videos([VideoRow("v1", "/a.mp4", "old", first_seen=t0, last_seen=t0),
+                         VideoRow("v1", "/a.mp4", "new", first_seen=t0, last_seen=t0 + timedelta(days=1))])
+    store.upsert_hidden_states([HiddenStateRow("v1", "old", eid, 0, np.zeros(D)),
+                                HiddenStateRow("v1", "new", eid, 0, np.ones(D))])
+    assert store.layer_matrix(eid, 0, ["v1"]).values.tolist() == [[1.0] * D]
+
+
+def test_snapshots_tags_and_as_of(store, eid):
+    store.write_batch(_batch(eid, range(2)))
+    snap = store.snapshot()
+    store.tag("before", note="two videos")
+    store.write_batch(_batch(eid, range(2, 5)))
+    with pytest.raises(ValueError, match="already exists"):
+        store.tag("before")
+    assert [s["name"] for s in store.snapshots()] == ["before"]
+    assert store.snapshots()[0]["versions"] == snap
+
+    assert store.completed(eid, as_of="before") == {("v0", "sha0"), ("v1", "sha1")}
+    assert len(store.completed(eid)) == 5
+    with pytest.raises(MissingItemsError):
+        store.layer_matrix(eid, 0, ["v3"], as_of="before")
+    assert store.layer_matrix(eid, 0, ["v3"], as_of=snap, strict=False).missing == ["v3"]
+    np.testing.assert_array_equal(store.layer_matrix(eid, 0, ["v1"], as_of=snap["hidden_states"]).values[0],
+                                  _vec(1, 0))
+    with pytest.raises(ValueError, match="unknown snapshot tag"):
+        store.layer_matrix(eid, 0, ["v1"], as_of="nope")
+
+
+def test_extractor_id_is_stable_and_sensitive():
+    a = extractor_id("m", "r", "p", "uniform:8", "video", "1", dtype="float32", max_pixels=50176)
+    b = extractor_id("m", "r", "p", "uniform:8", "video", "1", max_pixels=50176, dtype="float32")
+    assert a == b and len(a) == 16
+    assert a != extractor_id("m", "r", "another prompt", "uniform:8", "video", "1", dtype="float32",
+                             max_pixels=50176)
+    assert a != extractor_id("m", "r", "p", "uniform:8", "video", "1", dtype="bfloat16", max_pixels=50176)
+    # dim and num_layers describe the model; they do not change the id.
+    rec = ExtractorRecord("m", "r", "p", "uniform:8", "video", "1", {"dtype": "float32", "max_pixels": 50176}, dim=8)
+    assert rec.extractor_id == a
+
+
+def test_bad_rows_name_the_table_and_column(store, eid):
+    with pytest.raises(ValueError, match=r"hidden_states: unknown column\(s\) \['colour'\]"):
+        store.upsert_hidden_states([{"video_id": "v", "content_sha256": "s", "extractor_id": eid, "layer": 0,
+                                     "embedding": [1.0], "colour": "red"}])
+    with pytest.raises(ValueError, match="hidden_states.video_id: key column has null"):
+        store.upsert_hidden_states([{"video_id": None, "content_sha256": "s", "extractor_id": eid, "layer": 0,
+                                     "embedding": [1.0]}])
+    with pytest.raises(ValueError, match="one hidden size"):
+        store.upsert_hidden_states([HiddenStateRow("a", "s", eid, 0, np.ones(4)),
+                                    HiddenStateRow("b", "s", eid, 0, np.ones(5))])
+    with pytest.raises(FileNotFoundError, match="no feature store"):
+        FeatureStore(store.root + "-missing", create=False)
+
+
+def test_runs_record_counts_and_versions(store, eid):
+    run = store.start_run("extract-features", extractor_id=eid, params={"batch_size": 4})
+    store.write_batch(_batch(eid, range(2)))
+    versions = store.finish_run(run, "completed", counts={"ok": 2, "failed": 0})
+    (row,) = store.read("runs").to_pylist()
+    assert row["status"] == "completed" and dict(row["counts"]) == {"ok": 2, "failed": 0}
+    assert json.loads(row["snapshot"]) == versions and row["finished"] >= row["started"]
+    with pytest.raises(ValueError, match="no run with run_id"):
+        store.finish_run("nope")
+
+
+def test_compact_keeps_tagged_versions_readable(store, eid):
+    for i in range(4):
+        store.write_batch(_batch(eid, range(i, i + 1)))
+    store.tag("t")
+    store.write_batch(_batch(eid, range(0, 1)))  # rewrites v0's rows: old files become garbage
+    stats = store.compact(retention_hours=0)
+    assert stats["hidden_states"]["files_removed"] > 0
+    assert len(store.completed(eid, as_of="t")) == 4
+    assert store.layer_matrix(eid, 0, ["v0", "v3"], as_of="t").present.all()
+
+
+def test_concurrent_writers_of_the_same_keys_leave_no_duplicates(store, eid):
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        try:
+            for _ in range(4):
+                store.upsert_hidden_states([HiddenStateRow(f"v{i}", "s", eid, 0, np.full(D, seed, np.float32))
+                                            for i in range(10)])
+        except BaseException as e:  # noqa: BLE001  reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.table("hidden_states").to_pyarrow_dataset().count_rows() == 10
+
+
+# --- crash and isolation ------------------------------------------------------------------------
+
+BLOCK = 3000  # rows per commit in the crash test (about 18 MB of float32 at D = 1536)
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, pyarrow as pa
+    from storage import FeatureStore
+    store = FeatureStore(sys.argv[1])
+    start, d = int(sys.argv[2]), 1536
+    for b in range(start, start + 1000):
+        n = int(sys.argv[3])
+        flat = np.random.default_rng(b).random(n * d, dtype=np.float32)
+        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)), pa.array(flat))
+        t = pa.table({"video_id": [f"b{b}-{i}" for i in range(n)], "content_sha256": ["s"] * n,
+                      "extractor_id": ["e"] * n, "layer": pa.array([0] * n, pa.int32()), "embedding": emb})
+        print("begin", b, flush=True)
+        store.upsert_hidden_states(t)
+        print("done", b, flush=True)
+""")
+
+
+def _rows(path: Path) -> int:
+    return FeatureStore(path).table("hidden_states").to_pyarrow_dataset().count_rows()
+
+
+def test_sigkill_during_commit_leaves_the_previous_version(tmp_path):
+    path = tmp_path / "store"
+    FeatureStore(path)
+    rng = random.Random(7)
+    next_block = 0
+    for attempt in range(3):
+        before = _rows(path)
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(next_block), str(BLOCK)],
+                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        done = 0
+        # Let some commits finish, then kill at a random moment inside the next one.
+        while True:
+            line = proc.stdout.readline()
+            assert line, "writer exited early"
+            if line.startswith("done"):
+                done += 1
+            if line.startswith("begin") and done >= attempt:
+                break
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()
+        proc.wait()
+        done += rest.count("done")
+        next_block += done + 1
+        after = _rows(path)  # readable, and whole blocks only
+        assert after == before + done * BLOCK, (attempt, before, after, done)
+        # The next write succeeds (leftover data files of the killed commit are just garbage).
+        store = FeatureStore(path)
+        store.upsert_hidden_states([HiddenStateRow(f"after{attempt}", "s", "e", 0, np.ones(1536))])
+        assert _rows(path) == after + 1
+
+
+READER = textwrap.dedent("""
+    import sys, os, json
+    from storage import connect
+    path, stop = sys.argv[1], sys.argv[2]
+    seen = []
+    while not os.path.exists(stop):
+        with connect(path) as con:
+            n, = con.execute("SELECT count(*) FROM hidden_states WHERE extractor_id = 'e'").fetchone()
+            k, = con.execute("SELECT count(DISTINCT video_id) FROM hidden_states WHERE layer = 0").fetchone()
+        seen.append([n, k])
+    print(json.dumps(seen))
+""")
+
+
+def test_reader_never_sees_a_partial_commit(tmp_path):
+    path = tmp_path / "store"
+    store = FeatureStore(path)
+    stop = tmp_path / "stop"
+    block = 200  # 50 videos x 4 layers per commit
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # let the reader import and start looping
+    for c in range(20):
+        store.upsert_hidden_states([HiddenStateRow(f"c{c}-{i}", "s", "e", k, np.full(64, c, np.float32))
+                                    for i in range(50) for k in LAYERS])
+        # Rewrite an earlier block too: replacing rows must not show a gap or a double either.
+        if c:
+            store.upsert_hidden_states([HiddenStateRow(f"c{c - 1}-{i}", "s", "e", k, np.zeros(64, np.float32))
+                                        for i in range(50) for k in LAYERS])
+    time.sleep(0.3)
+    stop.touch()
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0
+    seen = json.loads(out)
+    assert len(seen) >= 5, "the reader should have queried during the commits"
+    assert len({n for n, _ in seen}) >= 3, "the reader should have seen several versions"
+    for n, k in seen:
+        assert n % block == 0 and k * len(LAYERS) == n, (n, k)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)  # never goes back
+    assert seen[-1][0] == 20 * block
