@@ -1,0 +1,208 @@
+"""Read-only DuckDB access: refused statement classes (and proof they did not run), the
+lock-down of the connection itself, schema listing, top-k in SQL, and `mvrec query`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage import FeatureStore, HiddenStateRow, ReadOnlyError, check_read_only, connect
+from storage.schema import ALL_TABLES
+
+D = 32
+
+
+@pytest.fixture()
+def store(tmp_path) -> FeatureStore:
+    st = FeatureStore(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    st.upsert_hidden_states([HiddenStateRow(f"v{i}", "s", "e", k, rng.standard_normal(D).astype(np.float32))
+                             for i in range(30) for k in (0, 3)])
+    return st
+
+
+REFUSED = {
+    "DELETE": "DELETE FROM hidden_states",
+    "UPDATE": "UPDATE videos SET uri = 'x'",
+    "INSERT": "INSERT INTO runs (run_id) VALUES ('x')",
+    "COPY": "COPY (SELECT 1) TO '{tmp}/copied.csv'",
+    "COPY FROM": "COPY videos FROM '{tmp}/in.csv'",
+    "ATTACH": "ATTACH '{tmp}/attached.duckdb' AS other",
+    "DETACH": "DETACH other",
+    "INSTALL": "INSTALL httpfs",
+    "LOAD": "LOAD json",
+    "CREATE": "CREATE TABLE made AS SELECT 1 AS x",
+    "CREATE VIEW": "CREATE VIEW made AS SELECT 1 AS x",
+    "CREATE SECRET": "CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')",
+    "DROP": "DROP VIEW hidden_states",
+    "ALTER": "ALTER VIEW hidden_states RENAME TO hs",
+    "PRAGMA": "PRAGMA enable_profiling",
+    "SET": "SET enable_external_access = true",
+    "RESET": "RESET threads",
+    "EXPORT": "EXPORT DATABASE '{tmp}/exported'",
+    "CALL": "CALL pragma_version()",
+    "CHECKPOINT": "CHECKPOINT",
+    "VACUUM": "VACUUM",
+    "USE": "USE memory",
+    "MULTIPLE": "SELECT 1; DROP VIEW hidden_states",
+    "TRAILING WRITE": "SELECT 1; CREATE TABLE made AS SELECT 1",
+    "EXPLAIN DELETE": "EXPLAIN DELETE FROM hidden_states",
+    "EXPLAIN ANALYZE CREATE": "EXPLAIN ANALYZE CREATE TABLE made AS SELECT 1",
+    "COMMENTED": "/* SELECT */ -- hi\nDROP VIEW hidden_states",
+    "EMPTY": "   ",
+    "GARBAGE": "SELEKT 1",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_refused_and_not_executed(store, tmp_path, kind):
+    sql = REFUSED[kind].format(tmp=tmp_path)
+    with connect(store) as con:
+        with pytest.raises(ReadOnlyError, match="refused"):
+            con.sql(sql)
+        with pytest.raises(ReadOnlyError, match="refused"):
+            con.execute(sql)
+        # Nothing happened: the views are intact, nothing was created, no file was written.
+        assert con.execute("SELECT count(*) FROM hidden_states").fetchone() == (60,)
+        assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchone() == (0,)
+        assert sorted(con.views()) == sorted(ALL_TABLES)
+    assert not any(p.name in ("copied.csv", "attached.duckdb", "exported") for p in tmp_path.iterdir())
+    assert store.table("hidden_states").to_pyarrow_dataset().count_rows() == 60
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM hidden_states",
+    "WITH x AS (SELECT * FROM videos) SELECT count(*) FROM x",
+    "FROM runs",
+    "EXPLAIN SELECT * FROM hidden_states WHERE layer = 3",
+    "EXPLAIN ANALYZE SELECT 1",
+    "DESCRIBE hidden_states",
+    "SHOW TABLES",
+    "SUMMARIZE failures",
+    "VALUES (1, 2)",
+    "(SELECT 1) UNION ALL (SELECT 2);",
+])
+def test_read_only_statements_run(store, sql):
+    check_read_only(sql)
+    with connect(store) as con:
+        con.sql(sql).fetchall()
+
+
+def test_connection_itself_cannot_reach_outside(store, tmp_path):
+    # A SELECT passes the statement check, but the connection has no file or network access.
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    with connect(store) as con:
+        for sql in (f"SELECT * FROM read_csv('{tmp_path}/secret.csv')",
+                    f"SELECT * FROM read_parquet('{store.root}/hidden_states/**/*.parquet')",
+                    "SELECT * FROM read_text('/etc/hostname')"):
+            with pytest.raises(Exception, match="(?i)permission|disabled"):
+                con.sql(sql).fetchall()
+        # and its configuration is locked
+        with pytest.raises(Exception, match="(?i)lock|cannot change"):
+            con._con.execute("SET enable_external_access = true")
+
+
+def test_schema_lists_every_view_with_types(store):
+    with connect(store) as con:
+        views = con.views()
+    assert set(views) == set(ALL_TABLES)
+    assert views["hidden_states"] == [("video_id", "VARCHAR"), ("content_sha256", "VARCHAR"),
+                                      ("extractor_id", "VARCHAR"), ("layer", "INTEGER"), ("embedding", "FLOAT[]")]
+    for name, spec in ALL_TABLES.items():
+        assert [c for c, _ in views[name]] == spec.schema.names
+    assert dict(views["runs"])["counts"] == "MAP(VARCHAR, BIGINT)"
+
+
+def test_top_k_similar_matches_numpy(store):
+    fm = store.layer_matrix("e", 3, [f"v{i}" for i in range(30)])
+    x = fm.values / np.linalg.norm(fm.values, axis=1, keepdims=True)
+    sims = x @ x[7]
+    sims[7] = -np.inf
+    want = [f"v{i}" for i in np.argsort(-sims)[:5]]
+    with connect(store) as con:
+        got = con.top_k_similar("v7", "e", 3, k=5)
+    assert [v for v, _ in got] == want
+    np.testing.assert_allclose([s for _, s in got], np.sort(sims)[::-1][:5], rtol=1e-5)
+    with connect(store) as con, pytest.raises(ValueError, match="no embedding"):
+        con.top_k_similar("nope", "e", 3)
+
+
+def test_connect_as_of_a_tag(store):
+    store.tag("t0")
+    store.upsert_hidden_states([HiddenStateRow("new", "s", "e", 0, np.ones(D))])
+    with connect(store, as_of="t0") as con:
+        assert con.execute("SELECT count(*) FROM hidden_states").fetchone() == (60,)
+    with connect(store) as con:
+        assert con.execute("SELECT count(*) FROM hidden_states").fetchone() == (61,)
+    with pytest.raises(ValueError, match="ambiguous"):
+        connect(store, as_of=3)
+    with pytest.raises(FileNotFoundError):
+        connect(store.root + "-nothing")
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def _mvrec(args, store, capsys):
+    from mvrec.cli import main
+
+    os.environ["MVREC_STORE__PATH"] = store.root
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+            raise SystemExit(0)
+    finally:
+        del os.environ["MVREC_STORE__PATH"]
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_query_formats(store, tmp_path, capsys):
+    code, out, _ = _mvrec(["query", "SELECT layer, count(*) AS n FROM hidden_states GROUP BY 1 ORDER BY 1"],
+                          store, capsys)
+    assert code == 0 and "layer" in out and "30" in out
+
+    code, out, _ = _mvrec(["query", "SELECT video_id, layer FROM hidden_states ORDER BY 1, 2 LIMIT 2",
+                           "--format", "csv"], store, capsys)
+    assert code == 0 and list(csv.reader(out.splitlines())) == [["video_id", "layer"], ["v0", "0"], ["v0", "3"]]
+
+    f = tmp_path / "o.json"
+    code, _, _ = _mvrec(["query", "SELECT video_id, embedding FROM hidden_states WHERE layer = 0",
+                         "-f", "json", "--out", str(f)], store, capsys)
+    rows = json.loads(f.read_text())
+    assert code == 0 and len(rows) == 30 and len(rows[0]["embedding"]) == D
+
+    f = tmp_path / "o.parquet"
+    code, _, _ = _mvrec(["query", "SELECT * FROM hidden_states", "-f", "parquet", "-o", str(f)], store, capsys)
+    assert code == 0 and pq.read_table(f).num_rows == 60
+
+
+def test_cli_query_refuses_with_one_line_and_exit_2(store, capsys):
+    code, out, err = _mvrec(["query", "DROP VIEW hidden_states"], store, capsys)
+    assert code == 2 and err.startswith("error: refused: DROP") and err.count("\n") == 1
+
+
+def test_cli_query_schema(store, capsys):
+    code, out, _ = _mvrec(["query", "--schema"], store, capsys)
+    assert code == 0
+    for name in ALL_TABLES:
+        assert name in out
+    assert "embedding" in out and "FLOAT[]" in out and "partition" in out
+
+
+def test_cli_store_tag_snapshots_compact(store, capsys):
+    code, out, _ = _mvrec(["store", "tag", "first", "--note", "baseline"], store, capsys)
+    assert code == 0 and "hidden_states=" in out
+    code, _, err = _mvrec(["store", "tag", "first"], store, capsys)
+    assert code == 2 and "already exists" in err
+    code, out, _ = _mvrec(["store", "snapshots"], store, capsys)
+    assert code == 0 and "first" in out and "baseline" in out
+    code, out, _ = _mvrec(["store", "compact", "--retention-hours", "0"], store, capsys)
+    assert code == 0 and "hidden_states" in out
+    code, out, _ = _mvrec(["query", "SELECT count(*) AS n FROM hidden_states", "--as-of", "first", "-f", "csv"],
+                          store, capsys)
+    assert code == 0 and out.splitlines() == ["n", "60"]
