@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.extract import extract_features, extractor_record
+from flows.runtime import make_task_runner
 from mvrec.config import load_config
 from storage import FeatureStore, open_store
 
@@ -62,7 +63,8 @@ def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None 
     cfg = load_config(config_path, overrides=overrides)
     source = source or cfg.refresh.source
     interactions = interactions if interactions is not None else cfg.refresh.interactions
-    state = extract_features(source, overrides=overrides, config_path=config_path, return_state=True)
+    extract = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
+    state = extract(source, overrides=overrides, config_path=config_path, return_state=True)
     extraction_failed = state.is_failed()
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, BaseException):

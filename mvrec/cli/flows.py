@@ -90,8 +90,10 @@ def rerun_failed(
     cfg = _prepare(overrides)
     source = source or cfg.refresh.source
     from flows.extract import extract_features
+    from flows.runtime import make_task_runner
 
-    state = extract_features(source, overrides=overrides, only_failed=True, return_state=True,
+    flow = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
+    state = flow(source, overrides=overrides, only_failed=True, return_state=True,
                              config_path=str(_state["config_path"]) if _state["config_path"] else None)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, BaseException):
