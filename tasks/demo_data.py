@@ -143,6 +143,12 @@ class CorpusParams:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not 0 <= self.cold_share < 1:
             raise ValueError(f"cold_share must be in [0, 1), got {self.cold_share}")
+        if not 0 < self.min_duration_s <= self.max_duration_s:
+            raise ValueError(f"need 0 < min_duration_s <= max_duration_s, got {self.min_duration_s}, {self.max_duration_s}")
+        if not 1 <= self.min_fps <= self.max_fps:
+            raise ValueError(f"need 1 <= min_fps <= max_fps, got {self.min_fps}, {self.max_fps}")
+        if not 1 <= self.min_seq_len <= self.max_seq_len:
+            raise ValueError(f"need 1 <= min_seq_len <= max_seq_len, got {self.min_seq_len}, {self.max_seq_len}")
         if self.p_same_topic + self.p_partner + self.p_random > 1:
             raise ValueError("p_same_topic + p_partner + p_random must be <= 1")
 
@@ -537,6 +543,23 @@ def write_pairs(sequences: Sequence[Sequence[int]], path: Path) -> None:
             fh.write(f"{user_id}\t{' '.join(map(str, seq))}\n")
 
 
+def _clear_previous_corpus(out: Path) -> None:
+    """Rewriting a demo corpus in place must not leave videos of a bigger earlier one behind;
+    anything that is not a demo corpus is left alone and refused."""
+    videos = out / "videos"
+    if not videos.is_dir() or not any(videos.iterdir()):
+        return
+    try:
+        previous = json.loads((out / "corpus.json").read_text(encoding="utf-8")).get("format", "")
+    except (OSError, ValueError):
+        previous = ""
+    if not str(previous).startswith("mvrec-demo-corpus/"):
+        raise ValueError(f"{videos} already holds files and is not a demo corpus; choose an empty --out")
+    for path in videos.iterdir():
+        if path.is_file() and path.suffix in {".mp4", ".mkv"}:
+            path.unlink()
+
+
 def make_demo_corpus(
     out_dir: str | Path,
     videos: int = 200,
@@ -554,6 +577,7 @@ def make_demo_corpus(
     params = CorpusParams(videos=videos, users=users, seed=seed, workers=workers, **overrides)
     params.check()
     out = Path(out_dir)
+    _clear_previous_corpus(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
 
     item_topic = assign_topics(params.videos, params.n_topics, params.seed)

@@ -262,3 +262,17 @@ def test_cli_demo_data_writes_the_same_corpus(tmp_path, capsys):
     make_demo_corpus(ref, videos=3, users=10, seed=5, workers=1)
     assert (out / "pairs.tsv").read_bytes() == (ref / "pairs.tsv").read_bytes()
     assert decoded_frame_hashes(out) == decoded_frame_hashes(ref)
+
+
+def test_rewriting_in_place_drops_videos_of_a_bigger_corpus(tmp_path):
+    make_demo_corpus(tmp_path, videos=3, users=5, seed=0, workers=1)
+    make_demo_corpus(tmp_path, videos=2, users=5, seed=0, workers=1)
+    assert sorted(p.stem for p in (tmp_path / "videos").iterdir()) == ["1", "2"]
+
+
+def test_refuses_a_directory_that_is_not_a_demo_corpus(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "mine.mp4").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="not a demo corpus"):
+        make_demo_corpus(tmp_path, videos=2, users=5, seed=0, workers=1)
+    assert (tmp_path / "videos" / "mine.mp4").read_bytes() == b"precious"
