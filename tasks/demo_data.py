@@ -126,7 +126,7 @@ class CorpusParams:
     p_same_topic: float = 0.6
     # Next item is the previous item's fixed "partner" (ID-only collaborative signal).
     p_partner: float = 0.15
-    # Next item is anything at all (exploration noise).
+    # Next item is any warm item (exploration noise that stays off the cold tail).
     p_random: float = 0.05
     # Zipf exponent of popularity within a topic.
     zipf_exponent: float = 1.0
