@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
+from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from storage.schema import (
@@ -314,6 +314,15 @@ def _add_attempts(new: pa.Table, existing: pa.Table) -> pa.Table:
     return new.set_column(i, "attempts", pc.add(new.column("attempts"), old))
 
 
+def _writer_properties(spec: TableSpec) -> WriterProperties | None:
+    """Embedding tables: float vectors neither compress nor dictionary-encode, and decoding
+    compressed pages is the slowest part of loading a layer (measured: bench/store.py)."""
+    if not any(pa.types.is_list(f.type) for f in spec.schema):
+        return None
+    return WriterProperties(compression="UNCOMPRESSED",
+                            default_column_properties=ColumnProperties(dictionary_enabled=False))
+
+
 def _video_extractor_pairs(rows: Any) -> set[tuple[str, str]]:
     if isinstance(rows, pa.Table):
         eids = rows.column("extractor_id").to_pylist() if "extractor_id" in rows.column_names else [""] * rows.num_rows
@@ -520,7 +529,7 @@ class FeatureStore:
             predicate = " AND ".join(_sql_in(k, pc.unique(data.column(k)).to_pylist())
                                      for k in sorted(key, key=lambda c: c not in spec.partition_by))
             write_deltalake(dt, out, mode="overwrite", predicate=predicate,
-                            storage_options=self.storage_options)
+                            storage_options=self.storage_options, writer_properties=_writer_properties(spec))
             return dt.version()
 
         if data.num_rows == 0:
