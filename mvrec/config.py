@@ -146,7 +146,7 @@ class TrainConfig:
     eval_protocol: str = "full"
     # Items with no features: zero (zero vector, listed in the run) | error
     missing_features: str = "zero"
-    # 0: min(4, cpu count) torch threads; the CPU is usually shared.
+    # 0: half the CPU cores (at most 4) torch threads; the CPU is usually shared.
     num_threads: int = 0
 
 
@@ -155,6 +155,10 @@ class StudyConfig:
     seeds: int = 3
     out: str = "./.mvrec/study"
     max_epochs: int = 30
+    # The study trains many small models: smaller batches (more steps per epoch) and a higher lr
+    # than the paper's 512 / 1e-3 converge within max_epochs on the demo corpus.
+    batch_size: int = 128
+    lr: float = 0.002
     # Hidden layers to study: all | comma list such as "0,4,8,final"
     layers: str = "all"
     # Representations to run (a subset of id,replace,fuse,dff); all four is the paper's grid.

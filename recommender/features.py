@@ -203,7 +203,9 @@ def topic_features(corpus_json: str | Path, items: list[str], layer_signal=(0.1,
 
 
 def _topics_by_item(corpus: Any, where: Any) -> dict[str, list[str]]:
-    """Accepts {"items": [{"item_id", "topics"}...]}, [{"item_id", "topics"}...] or {item_id: topics}."""
+    """Accepts the demo corpus ({"item_topic": {item_id: topic}}), [{"item_id", "topics"}...] or {item_id: topics}."""
+    if isinstance(corpus, dict) and "item_topic" in corpus:
+        return {str(k): [str(v)] for k, v in corpus["item_topic"].items()}
     rows = corpus.get("items", corpus) if isinstance(corpus, dict) else corpus
     if isinstance(rows, dict):
         return {str(k): (v if isinstance(v, list) else [v]) for k, v in rows.items()}
@@ -224,3 +226,31 @@ def parse_layers(spec: str) -> list[int] | None:
     if not re.fullmatch(r"\s*(-?\d+|final)(\s*,\s*(-?\d+|final))*\s*", spec):
         raise ValueError(f"layers must be 'all' or a comma list like '0,8,final', got {spec!r}")
     return [-1 if s.strip() == "final" else int(s) for s in spec.split(",")]
+
+
+def load_features(items: list[str], hidden: str | None = None, caption: str | None = None,
+                  topics: str | None = None, store: str | None = None, extractor: str | None = None,
+                  caption_extractor: str | None = None, layers: str = "all", as_of: Any = None,
+                  storage_options: dict[str, str] | None = None) -> FeatureBank:
+    """One entry point: files (hidden/caption), the store (store + extractor) or synthetic topics."""
+    if topics:
+        return topic_features(topics, items)
+    if store and extractor:
+        return load_store_features(store, extractor, items, parse_layers(layers), caption_extractor, as_of,
+                                   storage_options)
+    if hidden or caption:
+        return load_file_features(items, hidden, caption)
+    return FeatureBank(snapshot={"kind": "none"})
+
+
+def store_captions(store_path: str, item_ids: list[str], extractor_id: str | None,
+                   storage_options: dict[str, str] | None = None) -> dict[str, str]:
+    """Caption texts for `mvrec recommend`, from the store; {} when the store cannot serve them."""
+    try:
+        from storage import FeatureStore
+    except ImportError:
+        return {}
+    store = FeatureStore(store_path, storage_options=storage_options or {})
+    if not hasattr(store, "captions"):
+        return {}
+    return {str(k): str(v) for k, v in store.captions(extractor_id, item_ids).items()}

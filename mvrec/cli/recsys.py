@@ -1,1 +1,178 @@
-"""CLI commands for recsys (registered on import)."""
+"""CLI commands for recsys (registered on import): train, study, recommend."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mvrec.cli.common import app, console, err_console, get_config
+
+FEATURE_HELP = "Hidden-state matrix: .npy (+ <name>.ids.txt), .npz (item_ids, features, layers) or .parquet."
+
+
+def _load(interactions: Path, cfg, features, caption_features, topics, extractor, caption_extractor, as_of,
+          layers: str = "all"):
+    from recommender.data import load_sequences
+    from recommender.features import load_features
+
+    data = load_sequences(interactions, cfg.train.min_seq_len, cfg.train.max_seq_len)
+    bank = load_features(data.items, hidden=features, caption=caption_features, topics=topics,
+                         store=cfg.store.path if extractor else None, extractor=extractor,
+                         caption_extractor=caption_extractor, layers=layers, as_of=as_of,
+                         storage_options=cfg.store.storage_options)
+    if bank.snapshot.get("kind") == "synthetic-topics":
+        err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
+                          "not LVLM features (development only).")
+    console.print(f"{data.n_users} users, {data.n_items} items ({data.n_dropped_users} users with "
+                  f"< {cfg.train.min_seq_len} interactions dropped) from {interactions}")
+    return data, bank
+
+
+def _metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title)
+    table.add_column("split")
+    keys = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "cold/HR@10", "cold/NDCG@10"]
+    for k in keys:
+        table.add_column(k, justify="right")
+    for split, m in results.items():
+        table.add_row(split, *[f"{m[k]:.4f}" for k in keys])
+    return table
+
+
+@app.command()
+def train(
+    interactions: Path = typer.Option(..., "--interactions", "-i", help="pairs.tsv (user<TAB>item item ...) or 'user item' rows."),
+    representation: Optional[str] = typer.Option(None, "--representation", "-r", help="id | replace | fuse | dff"),
+    source: Optional[str] = typer.Option(None, "--source", help="caption | hidden:all | hidden:<l1,l2,...>"),
+    features: Optional[Path] = typer.Option(None, "--features", help=FEATURE_HELP),
+    caption_features: Optional[Path] = typer.Option(None, "--caption-features", help="Caption vectors, same formats."),
+    extractor: Optional[str] = typer.Option(None, "--extractor", help="Read hidden states of this extractor from the store."),
+    caption_extractor: Optional[str] = typer.Option(None, "--caption-extractor", help="Read caption vectors from the store."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Store snapshot to read (default: the latest)."),
+    synthetic_topics: Optional[Path] = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    dim: Optional[int] = typer.Option(None, "--dim"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="full | inbatch | sampled"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out/<name>)."),
+) -> None:
+    """Train one SASRec model (id / replace / fuse / dff) and report validation and test metrics."""
+    cfg = get_config(**{"train.representation": representation, "train.source": source, "train.max_epochs": epochs,
+                        "train.seed": seed, "train.lr": lr, "train.dim": dim, "train.loss": loss,
+                        "train.device": device})
+    from recommender.train import resolve_features, train as train_model
+
+    data, bank = _load(interactions, cfg, features, caption_features, synthetic_topics, extractor,
+                       caption_extractor, as_of)
+    matrix, meta = resolve_features(bank, cfg.train, log=lambda m: err_console.print(m, markup=False))
+    result = train_model(data, cfg.train, matrix, out, meta=meta, progress=True)
+    console.print(_metrics_table(f"{cfg.train.representation} {'' if cfg.train.representation == 'id' else cfg.train.source}"
+                                 f" — best epoch {result.best_epoch} of {result.epochs}",
+                                 {"valid": result.valid, "test": result.test}))
+    if result.layer_weights:
+        console.print("DFF layer weights: " + ", ".join(f"{w:.3f}" for w in result.layer_weights))
+    console.print(f"run: {result.run_dir}")
+
+
+@app.command()
+def study(
+    interactions: Path = typer.Option(..., "--interactions", "-i", help="pairs.tsv (user<TAB>item item ...) or 'user item' rows."),
+    features: Optional[Path] = typer.Option(None, "--features", help=FEATURE_HELP),
+    caption_features: Optional[Path] = typer.Option(None, "--caption-features", help="Caption vectors, same formats."),
+    extractor: Optional[str] = typer.Option(None, "--extractor", help="Read hidden states of this extractor from the store."),
+    caption_extractor: Optional[str] = typer.Option(None, "--caption-extractor", help="Read caption vectors from the store."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Store snapshot to read (default: the latest)."),
+    synthetic_topics: Optional[Path] = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per cell (>= 3 for the report)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Hidden layers to study: all | 0,4,final"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs per run."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (default: study.out)."),
+    plain: bool = typer.Option(False, "--plain", help="Run the grid as plain functions, without Prefect."),
+) -> None:
+    """Run the paper's grid (id, replace, fuse per layer, dff) and write results.csv, results.md and plots."""
+    cfg = get_config(**{"study.seeds": seeds, "study.layers": layers, "study.max_epochs": epochs,
+                        "study.out": str(out) if out else None})
+    args = dict(interactions=str(interactions), features=features and str(features),
+                caption_features=caption_features and str(caption_features), topics=synthetic_topics and str(synthetic_topics),
+                store=cfg.store.path if extractor else None, extractor=extractor, caption_extractor=caption_extractor,
+                as_of=as_of, train_cfg=cfg.train, study_cfg=cfg.study, out_dir=cfg.study.out)
+    if synthetic_topics:
+        err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
+                          "not LVLM features (development only).")
+    if plain:
+        from flows.study import run_plain
+
+        summary = run_plain(**args)
+    else:
+        from flows.runtime import configure_prefect
+
+        configure_prefect(cfg.prefect)
+        from flows.study import study_flow
+
+        summary = study_flow(**args)
+    console.print(Path(summary["files"]["results_md"]).read_text(), markup=False, highlight=False)
+    for name, path in summary["files"].items():
+        console.print(f"{name}: {path}")
+
+
+@app.command()
+def recommend(
+    user: str = typer.Option(..., "--user", "-u", help="A user id from the training interactions."),
+    k: int = typer.Option(10, "--k", min=1, help="How many videos."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory or best.pt (default: the latest under train.out)."),
+    items_csv: Optional[Path] = typer.Option(None, "--items", help="items.csv with titles (default: next to the interactions)."),
+) -> None:
+    """Top-k unseen videos for a user from a trained checkpoint, with titles and captions."""
+    cfg = get_config()
+    from recommender.train import load_for_recommend, recommend as recommend_items
+
+    if run is None:
+        runs = sorted(Path(cfg.train.out).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"no trained run under {cfg.train.out}; run `mvrec train` or pass --run")
+        run = runs[-1].parent
+    model, ckpt = load_for_recommend(run)
+    recs = recommend_items(model, ckpt, user, k)
+    run_dir = run if Path(run).is_dir() else Path(run).parent
+    titles = _titles(items_csv, run_dir)
+    captions = _captions(cfg, run_dir, [item for item, _ in recs])
+    table = Table(title=f"top {len(recs)} for user {user} ({run_dir})")
+    for col in ("#", "item", "score", "title", "caption"):
+        table.add_column(col)
+    for rank, (item, score) in enumerate(recs, start=1):
+        table.add_row(str(rank), item, f"{score:.3f}", titles.get(item, ""), captions.get(item, ""))
+    console.print(table)
+    if not titles:
+        err_console.print("note: no items.csv found; pass --items for titles")
+
+
+def _titles(items_csv: Optional[Path], run_dir: Path) -> dict[str, str]:
+    if items_csv is None:
+        source = json.loads((run_dir / "config.json").read_text()).get("data", {}).get("source", "")
+        guess = Path(source).parent / "items.csv" if source else None
+        if guess is None or not guess.is_file():
+            return {}
+        items_csv = guess
+    if not items_csv.is_file():
+        raise FileNotFoundError(f"items file not found: {items_csv}")
+    with items_csv.open(encoding="utf-8") as fh:
+        return {row["item_id"]: row.get("title", "") for row in csv.DictReader(fh)}
+
+
+def _captions(cfg, run_dir: Path, items: list[str]) -> dict[str, str]:
+    """Captions from the store, when the run's features came from it and the store can serve them."""
+    from recommender.features import store_captions
+
+    snapshot = json.loads((run_dir / "config.json").read_text()).get("features") or {}
+    snapshot = snapshot.get("snapshot", {})
+    if snapshot.get("kind") != "store":
+        return {}
+    return store_captions(snapshot.get("path", cfg.store.path), items, snapshot.get("caption_extractor")
+                          or snapshot.get("extractor_id"), cfg.store.storage_options)
