@@ -32,14 +32,14 @@ def read_interactions(path: str | Path) -> dict[str, list[str]]:
     seqs: dict[str, list[str]] = {}
     with path.open(encoding="utf-8") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
+            line = raw.rstrip("\r\n")  # keep a leading tab: an empty user is an error
+            if not line.strip() or line.startswith("#"):
                 continue
             if "\t" in line:
                 user, _, rest = line.partition("\t")
                 items = rest.split()
             else:
-                fields = [f for f in re.split(r"[,\s]+", line) if f]
+                fields = [f for f in re.split(r"[,\s]+", line.strip()) if f]
                 user, items = (fields[0], fields[1:]) if fields else ("", [])
                 if len(items) > 1:
                     raise ValueError(

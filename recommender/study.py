@@ -98,13 +98,17 @@ def run_cell(data: SeqData, bank: FeatureBank, cell: Cell, train_cfg: TrainConfi
     return rows
 
 
+def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainConfig:
+    return dataclasses.replace(train_cfg, max_epochs=study_cfg.max_epochs, batch_size=study_cfg.batch_size,
+                               lr=study_cfg.lr)
+
+
 def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,
               out_dir: str | Path | None = None, progress: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     out = Path(out_dir or study_cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_cfg = dataclasses.replace(train_cfg, max_epochs=study_cfg.max_epochs, batch_size=study_cfg.batch_size,
-                                    lr=study_cfg.lr)
+    train_cfg = study_train_config(train_cfg, study_cfg)
     rows: list[dict[str, Any]] = []
     for cell in build_grid(bank, study_cfg.layers, study_cfg.representations):
         rows += run_cell(data, bank, cell, train_cfg, study_cfg.seeds, out, progress, log)

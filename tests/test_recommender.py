@@ -1,0 +1,160 @@
+"""Recommender: data parsing and split, feature alignment, the DFF gate, training, recommend."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mvrec.config import TrainConfig
+from recommender.data import build_sequences, load_sequences, read_interactions
+from recommender.features import FeatureBank, _align, load_file_features
+from recommender.model import ItemEmbedding, SASRec
+from recommender.synthetic import planted
+from recommender.train import load_for_recommend, recommend, resolve_features, train
+
+torch.set_num_threads(1)
+
+
+def test_reads_microlens_and_pair_rows(tmp_path):
+    ml = tmp_path / "pairs.tsv"
+    ml.write_text("user_id\titem_id\n1\t10 11 12\n2\t11\n1\t13\n")
+    assert read_interactions(ml) == {"1": ["10", "11", "12", "13"], "2": ["11"]}
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a x\na y\n\nb x\na,z\n")
+    assert read_interactions(pairs) == {"a": ["x", "y", "z"], "b": ["x"]}
+
+
+@pytest.mark.parametrize("body, line", [("1\t10 11\n2\n", 2), ("a x\na y z\n", 2), ("u1 i1\n\t5 6\n", 2)])
+def test_malformed_row_names_file_and_line(tmp_path, body, line):
+    path = tmp_path / "bad.tsv"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=rf"bad\.tsv:{line}:"):
+        read_interactions(path)
+
+
+def test_filter_reindex_and_leave_one_out():
+    seqs = {"u": ["a", "b", "c", "d", "e", "f"], "short": ["a", "b", "z", "y"], "v": ["c", "a", "g", "h", "i"]}
+    data = build_sequences(seqs, min_seq_len=5, max_seq_len=3)
+    assert data.users == ["u", "v"] and data.n_dropped_users == 1
+    assert data.items == ["", "a", "b", "c", "d", "e", "f", "g", "h", "i"]  # z, y only in a dropped user
+    # u = 1..6: train inputs s[:-3] (last 3) -> targets s[1:-2]; valid s[:-2] -> s[-2]; test s[:-1] -> s[-1]
+    assert data.train_inputs[0].tolist() == [1, 2, 3]
+    assert data.train_targets[0].tolist() == [2, 3, 4]
+    assert data.valid_inputs[0].tolist() == [2, 3, 4] and data.valid_targets[0] == 5
+    assert data.test_inputs[0].tolist() == [3, 4, 5] and data.test_targets[0] == 6
+    # v = c a g h i -> 3 1 7 8 9: left padding
+    assert data.train_inputs[1].tolist() == [0, 3, 1] and data.train_targets[1].tolist() == [0, 1, 7]
+    indptr, idx = data.history("test")
+    assert idx[indptr[1]:indptr[2]].tolist() == [3, 1, 7, 8]
+    assert data.train_counts[1] == 2 and data.train_counts[8] == 0
+
+
+def test_missing_features_are_reported(tmp_path):
+    items = ["", "x", "y", "z"]
+    np.save(tmp_path / "h.npy", np.ones((2, 3, 4), np.float32))
+    (tmp_path / "h.ids.txt").write_text("z\nx\n")
+    bank = load_file_features(items, hidden=tmp_path / "h.npy")
+    assert bank.missing["hidden"] == ["y"]
+    assert bank.hidden.shape == (4, 3, 4) and not bank.hidden[2].any() and bank.hidden[1].all()
+    assert "y" in bank.describe_missing()
+    logged = []
+    X, meta = resolve_features(bank, TrainConfig(representation="fuse", source="hidden:1"), log=logged.append)
+    assert X.shape == (4, 1, 4) and meta["features"]["missing_items"] == ["y"] and "y" in logged[0]
+    with pytest.raises(ValueError, match="no hidden features"):
+        resolve_features(bank, TrainConfig(representation="dff", missing_features="error"))
+
+
+def test_parquet_long_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"item_id": ["b", "a", "b", "a"], "layer": [0, 0, -1, -1],
+                             "embedding": [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]}), tmp_path / "f.parquet")
+    bank = load_file_features(["", "a", "b"], hidden=tmp_path / "f.parquet")
+    assert bank.layers == [0, -1]
+    assert bank.select("hidden:final")[:, 0, 0].tolist() == [0.0, 4.0, 3.0]
+
+
+def test_dff_with_gate_forced_to_one_equals_id_only():
+    torch.manual_seed(0)
+    n_items, dim = 30, 16
+    feats = torch.randn(n_items + 1, 4, 8)
+    dff = SASRec(ItemEmbedding(n_items, dim, "dff", feats), max_seq_len=6, dim=dim).eval()
+    ident = SASRec(ItemEmbedding(n_items, dim, "id"), max_seq_len=6, dim=dim).eval()
+    ident.load_state_dict(dff.state_dict(), strict=False)  # same encoder and ID embeddings
+    with torch.no_grad():
+        dff.items.gate.weight.zero_()
+        dff.items.gate.bias.fill_(1e4)  # sigmoid -> 1: e = e_id
+    seq = torch.tensor([[0, 0, 3, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
+    torch.testing.assert_close(dff.score_all(seq), ident.score_all(seq))
+    # ...and the gate is live otherwise: the content changes the scores.
+    with torch.no_grad():
+        dff.items.gate.bias.zero_()
+    assert not torch.allclose(dff.score_all(seq), ident.score_all(seq))
+    w = dff.items.layer_weights()
+    torch.testing.assert_close(w, torch.full((4,), 0.25))  # initialised equal
+
+
+def _planted_data():
+    seqs, feats = planted(500, 300, n_topics=10, layer_signal=(0.0, 1.0), seed=1)
+    data = build_sequences(seqs, max_seq_len=10)
+    ids = list(feats)
+    bank = FeatureBank(layers=[0, 1])
+    bank.hidden, bank.missing["hidden"] = _align(ids, np.stack([feats[i] for i in ids]), data.items)
+    return data, bank
+
+
+def test_tiny_training_run_learns_the_planted_signal(tmp_path):
+    data, bank = _planted_data()
+    cfg = TrainConfig(representation="fuse", source="hidden:1", dim=32, batch_size=64, lr=3e-3, max_epochs=8,
+                      patience=3, num_threads=1)
+    X, meta = resolve_features(bank, cfg)
+    result = train(data, cfg, X, tmp_path / "run", meta=meta, progress=False)
+    random_hr10 = 10 / data.n_items
+    # Users stick to one of 10 topics: content makes the next item far easier than chance.
+    assert result.test["HR@10"] > 4 * random_hr10, result.test
+    for name in ("config.json", "metrics.csv", "best.pt", "result.json"):
+        assert (tmp_path / "run" / name).is_file()
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == result.epochs + 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["features"]["source"] == "hidden:1"
+
+    # Recommend from the checkpoint: no features needed, watched items excluded.
+    model, ckpt = load_for_recommend(tmp_path / "run")
+    recs = recommend(model, ckpt, data.users[0], k=5)
+    assert len(recs) == 5
+    seen = {data.items[i] for i in data.seqs[0]}
+    assert not seen & {item for item, _ in recs}
+    with pytest.raises(KeyError, match="unknown user"):
+        recommend(model, ckpt, "nobody", k=5)
+
+
+def test_seeded_runs_are_deterministic(tmp_path):
+    data, _ = _planted_data()
+    cfg = TrainConfig(dim=16, batch_size=128, max_epochs=2, num_threads=1, seed=3)
+    a = train(data, cfg, None, tmp_path / "a", progress=False)
+    b = train(data, cfg, None, tmp_path / "b", progress=False)
+    assert a.test == b.test
+
+
+def test_cli_train_and_recommend(tmp_path):
+    seqs, _ = planted(150, 60, seed=2)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{u}\t{' '.join(s)}\n" for u, s in seqs.items()))
+    (tmp_path / "items.csv").write_text("item_id,file,title\n" + "".join(f"i{i},v.mp4,title {i}\n" for i in range(60)))
+    env_run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from mvrec.cli import main; main()"]
+    r = subprocess.run(cmd + ["train", "-i", str(pairs), "--epochs", "2", "--dim", "16", "-o", str(env_run)],
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "MVREC_TRAIN__NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "HR@10" in r.stdout and (env_run / "best.pt").is_file()
+    r = subprocess.run(cmd + ["recommend", "--run", str(env_run), "--user", "u0", "--k", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "title" in r.stdout
+    r = subprocess.run(cmd + ["recommend", "--run", str(env_run), "--user", "nobody"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown user 'nobody'") and len(r.stderr.strip().splitlines()) == 1
