@@ -144,34 +144,39 @@ def load_file_features(items: list[str], hidden: str | Path | None = None,
 def load_store_features(store_path: str, extractor_id: str, items: list[str], layers: list[int] | None = None,
                         caption_extractor: str | None = None, as_of: Any = None,
                         storage_options: dict[str, str] | None = None) -> FeatureBank:
-    """The one adapter to the feature store (imported lazily: the recommender works without it)."""
+    """The one adapter to the feature store (imported lazily: the recommender works without it).
+
+    Every read is pinned to one set of table versions (`as_of`: a tag or None = now), recorded in
+    the bank's snapshot. Captions come from `caption_extractor` (default: the same extractor).
+    """
     try:
         from storage import FeatureStore
     except ImportError as e:
         raise ValueError("the feature store (storage/) is not available; train from a .npy/.npz/.parquet "
                          "matrix with --features instead") from e
-    store = FeatureStore(store_path, storage_options=storage_options or {})
-    snapshot = store.snapshot() if as_of is None else as_of  # pin every read to one set of table versions
+    store = FeatureStore(store_path, storage_options=storage_options or {}, create=False)
+    versions = store.snapshot() if as_of is None else store.resolve(as_of)
     if layers is None:
-        layers = list(store.layers(extractor_id))
+        layers = store.layers(extractor_id, as_of=versions)
+    if not layers:
+        raise ValueError(f"store {store_path}: no hidden states for extractor {extractor_id!r}")
     ids = items[1:]
     per_layer, missing = [], set()
     for layer in layers:
-        matrix, miss = store.layer_matrix(extractor_id, layer, ids, as_of=snapshot)
-        per_layer.append(np.asarray(matrix, dtype=np.float32))
-        missing.update(map(str, miss))
+        fm = store.layer_matrix(extractor_id, layer, ids, as_of=versions, strict=False)
+        per_layer.append(fm.values)
+        missing.update(fm.missing)
     hidden = np.zeros((len(items), len(layers), per_layer[0].shape[-1]), dtype=np.float32)
     hidden[1:] = np.stack(per_layer, axis=1)
-    bank = FeatureBank(hidden=hidden, layers=list(layers),
-                       missing={"hidden": [i for i in ids if i in missing]},
+    bank = FeatureBank(hidden=hidden, layers=list(layers), missing={"hidden": [i for i in ids if i in missing]},
                        snapshot={"kind": "store", "path": str(store_path), "extractor_id": extractor_id,
-                                 "versions": snapshot})
-    if caption_extractor:
-        matrix, miss = store.caption_matrix(caption_extractor, ids, as_of=snapshot)
-        bank.caption = np.zeros((len(items), np.asarray(matrix).shape[-1]), dtype=np.float32)
-        bank.caption[1:] = matrix
-        bank.missing["caption"] = [str(m) for m in miss]
-        bank.snapshot["caption_extractor"] = caption_extractor
+                                 "as_of": as_of, "versions": versions})
+    cap = store.caption_matrix(caption_extractor or extractor_id, ids, as_of=versions, strict=False)
+    if cap.present.any() and cap.values.shape[-1]:
+        bank.caption = np.zeros((len(items), cap.values.shape[-1]), dtype=np.float32)
+        bank.caption[1:] = cap.values
+        bank.missing["caption"] = cap.missing
+        bank.snapshot["caption_extractor"] = caption_extractor or extractor_id
     return bank
 
 
@@ -245,12 +250,13 @@ def load_features(items: list[str], hidden: str | None = None, caption: str | No
 
 def store_captions(store_path: str, item_ids: list[str], extractor_id: str | None,
                    storage_options: dict[str, str] | None = None) -> dict[str, str]:
-    """Caption texts for `mvrec recommend`, from the store; {} when the store cannot serve them."""
+    """Caption texts for `mvrec recommend`, from the store's captions table."""
     try:
         from storage import FeatureStore
     except ImportError:
         return {}
-    store = FeatureStore(store_path, storage_options=storage_options or {})
-    if not hasattr(store, "captions"):
-        return {}
-    return {str(k): str(v) for k, v in store.captions(extractor_id, item_ids).items()}
+    table = FeatureStore(store_path, storage_options=storage_options or {}, create=False).read(
+        "captions", columns=["video_id", "extractor_id", "caption"]).to_pylist()
+    wanted = set(item_ids)
+    return {r["video_id"]: r["caption"] or "" for r in table
+            if r["video_id"] in wanted and (extractor_id is None or r["extractor_id"] == extractor_id)}

@@ -158,3 +158,26 @@ def test_cli_train_and_recommend(tmp_path):
     r = subprocess.run(cmd + ["recommend", "--run", str(env_run), "--user", "nobody"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown user 'nobody'") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_store_adapter_reads_layers_captions_and_records_the_snapshot(tmp_path):
+    from storage import CaptionRow, ExtractionBatch, ExtractorRecord, FeatureStore, HiddenStateRow
+    from recommender.features import load_features, store_captions
+
+    store = FeatureStore(tmp_path / "store")
+    eid = store.upsert_extractor(ExtractorRecord("tiny", "r", "Describe.", "uniform:8", "video", "1", dim=4))
+    vids = ["1", "2", "3"]  # item "4" has no features
+    store.write_batch(ExtractionBatch(
+        captions=[CaptionRow(v, f"sha{v}", eid, f"caption {v}", "minilm", np.full(3, float(v), np.float32)) for v in vids],
+        hidden_states=[HiddenStateRow(v, f"sha{v}", eid, layer, np.full(4, 10 * float(v) + layer, np.float32))
+                       for v in vids for layer in (0, 1, -1)]))
+    store.tag("v1")
+    items = ["", "3", "1", "4", "2"]
+    bank = load_features(items, store=str(tmp_path / "store"), extractor=eid, as_of="v1")
+    assert bank.layers == [-1, 0, 1]
+    final = bank.layers.index(-1)
+    assert bank.hidden[:, final, 0].tolist() == [0.0, 29.0, 9.0, 0.0, 19.0]
+    assert bank.caption[:, 0].tolist() == [0.0, 3.0, 1.0, 0.0, 2.0]
+    assert bank.missing == {"hidden": ["4"], "caption": ["4"]}
+    assert bank.snapshot["kind"] == "store" and bank.snapshot["versions"] == store.resolve("v1")
+    assert store_captions(str(tmp_path / "store"), ["1", "2"], eid) == {"1": "caption 1", "2": "caption 2"}
