@@ -1,6 +1,7 @@
 """Recommender: data parsing and split, feature alignment, the DFF gate, training, recommend."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -181,3 +182,25 @@ def test_store_adapter_reads_layers_captions_and_records_the_snapshot(tmp_path):
     assert bank.missing == {"hidden": ["4"], "caption": ["4"]}
     assert bank.snapshot["kind"] == "store" and bank.snapshot["versions"] == store.resolve("v1")
     assert store_captions(str(tmp_path / "store"), ["1", "2"], eid) == {"1": "caption 1", "2": "caption 2"}
+
+
+def test_train_from_store_for_flows(tmp_path):
+    from storage import ExtractionBatch, ExtractorRecord, FeatureStore, HiddenStateRow
+    from mvrec.config import Config
+    from recommender.pipeline import train_from_store
+
+    seqs, feats = planted(120, 40, n_topics=4, seed=3)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{u}\t{' '.join(s)}\n" for u, s in seqs.items()))
+    store = FeatureStore(tmp_path / "store")
+    eid = store.upsert_extractor(ExtractorRecord("tiny", "r", "Describe.", "uniform:8", "video", "1", dim=16))
+    store.write_batch(ExtractionBatch(hidden_states=[HiddenStateRow(i, f"sha{i}", eid, layer, f[k])
+                                                     for i, f in feats.items() for k, layer in enumerate((0, -1))]))
+    cfg = Config()
+    cfg.store.path, cfg.train.out = str(tmp_path / "store"), str(tmp_path / "runs")
+    cfg.train.max_epochs, cfg.train.dim, cfg.train.num_threads = 2, 16, 1
+    out = train_from_store(cfg, str(pairs), eid)
+    assert set(out["test"]) == {"dff", "id"} and "HR@10" in out["test"]["dff"]
+    assert out["snapshot"]["versions"] == store.snapshot()
+    saved = json.loads((Path(out["runs"]["dff"]) / "config.json").read_text())
+    assert saved["features"]["snapshot"]["extractor_id"] == eid
