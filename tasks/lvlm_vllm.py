@@ -40,7 +40,6 @@ Tensor parallelism always uses worker processes; the hooks reach them the same w
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ class VideoRejected(ValueError):
     """The engine refused one video's input (too long, malformed frames, ...). The engine lives on."""
 
     def __init__(self, video_id: str, reason: str):
-        super().__init__(f"{video_id}: vLLM rejected the input: {reason}")
+        super().__init__(f"{video_id}: the vLLM backend rejected the input: {reason}")
         self.video_id = video_id
         self.reason = reason
 
@@ -280,8 +279,12 @@ def _set_engine_env(opts: dict[str, Any], on_cpu: bool) -> dict[str, str]:
     elif "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if on_cpu:
+        # An explicit KV-cache size also skips vLLM's start-up check that a fraction
+        # (gpu_memory_utilization) of the node's RAM is free, which fails on a busy machine.
         if opts.get("cpu_kvcache_space_gib") is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(opts["cpu_kvcache_space_gib"]))
+        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
         bind = opts.get("cpu_omp_threads_bind")
         if bind is not None:
             if str(bind) == "all":
@@ -305,29 +308,32 @@ def _resolve_dtype(spec: ExtractSpec, opts: dict[str, Any], on_cpu: bool) -> str
     return "float32" if on_cpu else "bfloat16"
 
 
-def _local_revision(model: str, revision: str) -> str:
-    if revision:
-        return revision
+def _model_revision(model: str, revision: str, hf_config: Any) -> str:
+    """The resolved hub commit, or a hash of a local directory's config (as the transformers backend)."""
+    commit = getattr(hf_config, "_commit_hash", None)
+    if commit:
+        return commit
     cfg = Path(model) / "config.json"
     if cfg.is_file():
-        return "sha256:" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
-    return ""
+        return "local-" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:12]
+    return revision or "unknown"
 
 
-def _is_test_model(model: str) -> bool:
-    try:
-        from tasks.test_model import is_test_model  # the builder's own marker
-    except ImportError:
-        is_test_model = None
-    if is_test_model is not None:
-        return bool(is_test_model(model))
-    cfg = Path(model) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return bool(json.loads(cfg.read_text()).get("mvrec_test_model"))
-    except (OSError, ValueError):
-        return False
+def _norm_params(proc: Any) -> tuple | None:
+    if proc is None:
+        return None
+    mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(round(float(x), 6) for x in (*mean, *std)), float(getattr(proc, "rescale_factor", 1 / 255))
+
+
+def _video_norm_differs(processor: Any) -> bool:
+    """vLLM normalises video pixels on the device with the IMAGE processor's mean/std. Where the
+    video processor uses other values, that would change every feature: normalise on the host."""
+    img = _norm_params(getattr(processor, "image_processor", None))
+    vid = _norm_params(getattr(processor, "video_processor", None))
+    return img is not None and vid is not None and img != vid
 
 
 def chat_prompt(processor: Any, prompt: str) -> str:
@@ -360,6 +366,8 @@ class VLLMBackend:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        from tasks.test_model import is_test_model
+
         self.processor = AutoProcessor.from_pretrained(spec.model, revision=spec.revision or None)
         self.tokenizer = self.processor.tokenizer
         self._prompt_text = chat_prompt(self.processor, spec.prompt)
@@ -377,6 +385,8 @@ class VLLMBackend:
             worker_extension_cls=_EXT_CLS,
             seed=0,
         )
+        if _video_norm_differs(self.processor):
+            engine_kwargs["mm_device_do_normalize"] = False
         if not on_cpu:
             engine_kwargs["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization", 0.85))
         if opts.get("mm_processor_kwargs"):
@@ -393,11 +403,11 @@ class VLLMBackend:
         self.rows = layer_rows(self.layers, num_layers)
         self.info = ModelInfo(
             model=spec.model,
-            revision=_local_revision(spec.model, spec.revision),
+            revision=_model_revision(spec.model, spec.revision, hf),
             arch=str(getattr(hf, "model_type", "")),
             num_layers=num_layers,
             hidden_size=int(text_cfg.hidden_size),
-            is_test_model=_is_test_model(spec.model),
+            is_test_model=is_test_model(spec.model),
             dtype=dtype,
             device="cpu" if on_cpu else "cuda",
         )
@@ -454,15 +464,12 @@ class VLLMBackend:
         t1 = time.perf_counter()
         try:
             outs, pooled = self._generate(prompts)
-        except Exception as e:  # noqa: BLE001 - the engine refused some input
+        except Exception as e:  # noqa: BLE001 - the engine refused an input; it stays usable
             self.llm.collective_rpc("mvrec_reset")
             if len(batch) == 1:
-                raise VideoRejected(batch[0].video_id, f"{type(e).__name__}: {e}") from e
-            # Find the culprit(s): each video alone, so the error names one video.
-            results = []
-            for v in batch:
-                results.extend(self.extract([v]))
-            return results
+                raise VideoRejected(batch[0].video_id, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+            # tasks.extract retries a failed batch one video at a time to name the culprit.
+            raise
         t2 = time.perf_counter()
         results = []
         share = 1.0 / len(batch)
@@ -474,17 +481,18 @@ class VLLMBackend:
             if not np.isfinite(full).all():
                 raise VideoRejected(v.video_id, "no tokens to pool (no video tokens in the prompt?)")
             ids = list(out.outputs[0].token_ids)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             results.append(
                 VideoFeatures(
                     video_id=v.video_id,
-                    caption=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    caption=" ".join(text.split()),  # as the transformers backend
                     layers=list(self.layers),
                     hidden=np.ascontiguousarray(full[self.rows], dtype=np.float32),
                     pooling=self.spec.pooling,
                     n_video_tokens=int(entry["n_video"]),
                     n_prompt_tokens=len(out.prompt_token_ids or []),
                     n_new_tokens=len(ids),
-                    timings={"prepare": (t1 - t0) * share, "lvlm": (t2 - t1) * share},
+                    timings={"preprocess_s": (t1 - t0) * share, "model_s": (t2 - t1) * share},
                 )
             )
         return results
