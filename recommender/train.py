@@ -147,7 +147,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 if wait >= cfg.patience:
                     break
 
-    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"], strict=False)
+    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
     test = evaluate(model, data, "test", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
     weights = model.items.layer_weights()
