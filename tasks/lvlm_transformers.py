@@ -321,7 +321,7 @@ class TransformersBackend:
         with torch.inference_mode():
             if self.spec.max_new_tokens <= 0:
                 self.capture.arm(weights)
-                self.model(**inputs)
+                self.model(**inputs, logits_to_keep=1)
                 return self.capture.result(), None
             if self.mode == "two_pass":
                 self.capture.arm(weights)
