@@ -391,6 +391,8 @@ class VLLMBackend:
             engine_kwargs["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization", 0.85))
         if opts.get("mm_processor_kwargs"):
             engine_kwargs["mm_processor_kwargs"] = dict(opts["mm_processor_kwargs"])
+        # Any other vLLM engine argument (e.g. max_num_batched_tokens); not part of lineage.
+        engine_kwargs.update(dict(opts.get("engine_kwargs") or {}))
         t0 = time.perf_counter()
         self.llm = LLM(**engine_kwargs)
         self.startup_s = time.perf_counter() - t0
