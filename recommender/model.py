@@ -150,8 +150,10 @@ def next_item_loss(model: SASRec, seq: torch.Tensor, targets: torch.Tensor, hist
     else:
         raise ValueError(f"unknown loss {loss!r} (full | inbatch | sampled)")
     logits = h @ model.items(cand).T  # [P, C]
-    block = (cand == 0).expand_as(logits).clone()  # never predict padding
-    if history is not None:
-        block |= history[rows][:, cand]
+    if history is None:
+        block = torch.zeros_like(logits, dtype=torch.bool)
+    else:  # full: the candidates are every item, so skip re-indexing the [P, n_items + 1] mask
+        block = history[rows] if loss == "full" else history[rows][:, cand]
+    block |= cand == 0  # never predict padding
     block[torch.arange(len(y), device=y.device), label] = False
     return F.cross_entropy(logits.float().masked_fill(block, float("-inf")), label)

@@ -204,3 +204,30 @@ def test_train_from_store_for_flows(tmp_path):
     assert out["snapshot"]["versions"] == store.snapshot()
     saved = json.loads((Path(out["runs"]["dff"]) / "config.json").read_text())
     assert saved["features"]["snapshot"]["extractor_id"] == eid
+
+
+@pytest.mark.parametrize("loss", ["full", "inbatch", "sampled"])
+def test_loss_masks_history_but_not_the_target(loss):
+    from recommender.model import next_item_loss
+
+    torch.manual_seed(0)
+    model = SASRec(ItemEmbedding(12, 8, "id"), max_seq_len=4, dim=8).eval()
+    seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[0, 2, 3, 9], [5, 6, 7, 8]])
+    history = torch.zeros(2, 13, dtype=torch.bool)
+    history[0, [1, 2, 3, 9]] = True
+    history[1, [4, 5, 6, 7, 8]] = True
+    got = next_item_loss(model, seq, tgt, history, loss=loss, num_negatives=5)
+    assert torch.isfinite(got)
+    if loss == "full":  # by hand: each position's softmax excludes padding and the user's other items
+        h, items = model(seq), model.all_items()
+        expected = []
+        for b in range(2):
+            for t in range(4):
+                if tgt[b, t]:
+                    logits = h[b, t] @ items.T
+                    keep = ~history[b].clone()
+                    keep[0] = False
+                    keep[tgt[b, t]] = True
+                    expected.append(-torch.log_softmax(logits[keep], 0)[keep[:tgt[b, t] + 1].sum() - 1])
+        torch.testing.assert_close(got, torch.stack(expected).mean())
