@@ -29,79 +29,12 @@ from typing import Any, Sequence
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import mvrec
-from mvrec.config import Config, load_config
+from flows.plan import PERMANENT_ERRORS, extract_spec, extractor_record, plan_work  # noqa: F401 (re-exported)
+from mvrec.config import load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
 from tasks.decode import DecodeError, decode
 from tasks.discover import VideoRef, discover_videos, hash_videos, local_copy
 from tasks.lvlm import ExtractSpec, LVLMBackend, VideoFeatures, VideoInput, load_backend
-
-# Part of every extractor's lineage: bump when a change here or in tasks/ changes the features.
-FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
-
-PERMANENT_ERRORS = {"DecodeError", "Unreadable", "NoVideoStream", "ZeroFrames", "TooLong", "TooLarge",
-                    "VideoRejected"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain helpers (no Prefect): testable on their own
-
-
-def model_revision(model: str, revision: str) -> str:
-    """A revision for lineage, known without loading weights.
-
-    Local directory: a hash of its config and the names and sizes of its weight files.
-    Hub id: the configured revision, or "main".
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.name == "config.json":
-                digest.update(f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin"):
-                digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        return revision or f"local-{digest.hexdigest()[:12]}"
-    return revision or "main"
-
-
-def extract_spec(cfg: Config) -> ExtractSpec:
-    e, v = cfg.extract, cfg.vllm
-    return ExtractSpec(model=e.model, revision=e.revision, device=e.device, dtype=e.dtype, prompt=e.prompt,
-                       max_new_tokens=e.max_new_tokens, pooling=e.pooling, layers=e.layers,
-                       options=asdict(v) if e.backend == "vllm" else {})
-
-
-def extractor_record(cfg: Config) -> ExtractorRecord:
-    """Everything that changes the features. The backend is not part of it: both backends give the
-    same vectors (tests/test_vllm.py holds them to 1e-4), so their rows are interchangeable."""
-    e = cfg.extract
-    return ExtractorRecord(
-        model=e.model, revision=model_revision(e.model, e.revision), prompt=e.prompt, frame_policy=e.frames,
-        pooling=e.pooling, code_version=FEATURE_CODE_VERSION,
-        params={"layers": e.layers, "dtype": e.dtype, "max_frames": e.max_frames, "max_pixels": e.max_pixels,
-                "max_new_tokens": e.max_new_tokens})
-
-
-def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failures: Sequence[dict],
-              only_failed: bool = False) -> tuple[list[VideoRef], dict[str, int]]:
-    """Which videos need the model: not completed for this (sha, extractor), and not known to be
-    permanently broken (unless only_failed, which takes exactly the videos with open failures)."""
-    failed_ids = {f["video_id"] for f in failures}
-    permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures
-                 if f["error_type"] in PERMANENT_ERRORS}
-    todo, counts = [], {"done": 0, "known_broken": 0, "not_failed": 0}
-    for ref in videos:
-        if (ref.video_id, ref.content_sha256) in completed:
-            counts["done"] += 1
-        elif only_failed and ref.video_id not in failed_ids:
-            counts["not_failed"] += 1
-        elif not only_failed and ((ref.video_id, ref.content_sha256) in permanent or (ref.video_id, "") in permanent):
-            counts["known_broken"] += 1
-        else:
-            todo.append(ref)
-    return todo, counts
-
 
 class BatchOOM(RuntimeError):
     """Raised by a backend when a batch does not fit in memory (see tasks.lvlm.BackendOOM)."""

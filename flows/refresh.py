@@ -79,5 +79,5 @@ def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None 
         trained = train_recommender(config_path, overrides, interactions, eid)
     result = {"extract": summary, "captions_embedded": embedded, "train": trained, "extractor_id": eid}
     if extraction_failed:
-        raise RuntimeError(f"extraction had transient failures: {summary.get('error', '')}")
+        raise RuntimeError(f"extraction failed: {summary.get('error', '')}")
     return result

@@ -61,6 +61,7 @@ def refresh(
     task_runner: Optional[str] = _RUNNER,
     interactions: Optional[str] = typer.Option(
         None, "--interactions", help="MicroLens pairs file: retrain the recommender after extracting."),
+    always: bool = typer.Option(False, "--always", help="Run the flow even when the store says nothing is new."),
 ) -> None:
     """Run the nightly refresh once: extract new/changed videos, embed captions, optionally retrain."""
     overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, task_runner=task_runner)
@@ -68,10 +69,25 @@ def refresh(
     source = source or cfg.refresh.source
     if "://" not in source and not os.path.exists(source):
         raise FileNotFoundError(f"video source not found: {source}")
+    if not always:
+        # Starting Prefect costs seconds; when the store already has everything, skip it.
+        from flows.plan import pending_work
+
+        work = pending_work(cfg, source)
+        if not (work["to_extract"] or work["captions_to_embed"] or work["unreadable"]):
+            console.print(f"nothing new in {source}: {work['done']} videos already extracted by "
+                          f"{work['extractor_id']}, {work['known_broken']} with recorded failures "
+                          "(see `mvrec rerun-failed`); use --always to run the flow anyway")
+            return
     from flows.refresh import nightly_refresh
 
-    result = nightly_refresh(source, overrides=overrides, interactions=interactions,
-                             config_path=str(_state["config_path"]) if _state["config_path"] else None)
+    state = nightly_refresh(source, overrides=overrides, interactions=interactions, return_state=True,
+                            config_path=str(_state["config_path"]) if _state["config_path"] else None)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        # Committed work stays committed; the run is in Prefect and in the store's `runs` table.
+        err_console.print(f"error: refresh failed: {result}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     _print_summary("refresh", result["extract"])
     console.print(f"captions embedded: {result['captions_embedded']}")
     if result.get("train"):

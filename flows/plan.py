@@ -1,0 +1,102 @@
+"""Planning an extraction run, without Prefect: which extractor, which videos still need the model.
+
+Kept free of Prefect imports so `mvrec refresh` can check for new work in about a second and skip
+starting an orchestrator when there is none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import mvrec
+from mvrec.config import Config
+from storage import ExtractorRecord, open_store
+from tasks.discover import VideoRef, discover_videos, hash_videos
+from tasks.lvlm import ExtractSpec
+
+# Part of every extractor's lineage: bump when a change here or in tasks/ changes the features.
+FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
+
+PERMANENT_ERRORS = {"DecodeError", "Unreadable", "NoVideoStream", "ZeroFrames", "TooLong", "TooLarge",
+                    "VideoRejected"}
+
+
+
+
+def model_revision(model: str, revision: str) -> str:
+    """A revision for lineage, known without loading weights.
+
+    Local directory: a hash of its config and the names and sizes of its weight files.
+    Hub id: the configured revision, or "main".
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.name == "config.json":
+                digest.update(f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin"):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        return revision or f"local-{digest.hexdigest()[:12]}"
+    return revision or "main"
+
+
+def extract_spec(cfg: Config) -> ExtractSpec:
+    e, v = cfg.extract, cfg.vllm
+    return ExtractSpec(model=e.model, revision=e.revision, device=e.device, dtype=e.dtype, prompt=e.prompt,
+                       max_new_tokens=e.max_new_tokens, pooling=e.pooling, layers=e.layers,
+                       options=asdict(v) if e.backend == "vllm" else {})
+
+
+def extractor_record(cfg: Config) -> ExtractorRecord:
+    """Everything that changes the features. The backend is not part of it: both backends give the
+    same vectors (tests/test_vllm.py holds them to 1e-4), so their rows are interchangeable."""
+    e = cfg.extract
+    return ExtractorRecord(
+        model=e.model, revision=model_revision(e.model, e.revision), prompt=e.prompt, frame_policy=e.frames,
+        pooling=e.pooling, code_version=FEATURE_CODE_VERSION,
+        params={"layers": e.layers, "dtype": e.dtype, "max_frames": e.max_frames, "max_pixels": e.max_pixels,
+                "max_new_tokens": e.max_new_tokens})
+
+
+def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failures: Sequence[dict],
+              only_failed: bool = False) -> tuple[list[VideoRef], dict[str, int]]:
+    """Which videos need the model: not completed for this (sha, extractor), and not known to be
+    permanently broken (unless only_failed, which takes exactly the videos with open failures)."""
+    failed_ids = {f["video_id"] for f in failures}
+    permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures
+                 if f["error_type"] in PERMANENT_ERRORS}
+    todo, counts = [], {"done": 0, "known_broken": 0, "not_failed": 0}
+    for ref in videos:
+        if (ref.video_id, ref.content_sha256) in completed:
+            counts["done"] += 1
+        elif only_failed and ref.video_id not in failed_ids:
+            counts["not_failed"] += 1
+        elif not only_failed and ((ref.video_id, ref.content_sha256) in permanent or (ref.video_id, "") in permanent):
+            counts["known_broken"] += 1
+        else:
+            todo.append(ref)
+    return todo, counts
+
+
+def pending_work(cfg: Config, source: str, only_failed: bool = False) -> dict:
+    """What a refresh of `source` would do, read from the store without loading a model.
+
+    Returns {"extractor_id", "videos", "to_extract", "captions_to_embed", "done", "known_broken",
+    "unreadable" (files that cannot be read and have no recorded failure yet)}.
+    """
+    refs = discover_videos(source)
+    hashed, unreadable = hash_videos(refs)
+    eid = extractor_record(cfg).extractor_id
+    store = open_store(cfg.store)
+    todo, counts = plan_work(hashed, store.completed(eid), store.failures(eid), only_failed=only_failed)
+    captions = store.read("captions", columns=["extractor_id", "text_model", "text_embedding"]).to_pylist()
+    to_embed = sum(1 for c in captions if c["extractor_id"] == eid
+                   and (c["text_embedding"] is None or c["text_model"] != cfg.extract.text_model))
+    known_unreadable = {f["video_id"] for f in store.failures(eid)}
+    return {"extractor_id": eid, "videos": len(refs), "to_extract": len(todo), "captions_to_embed": to_embed,
+            "done": counts["done"], "known_broken": counts["known_broken"],
+            "unreadable": len([r for r, _ in unreadable if r.video_id not in known_unreadable])}
