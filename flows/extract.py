@@ -12,7 +12,8 @@ Failures:
 - DecodeError (corrupt, empty, no video stream, too long/large) is permanent: recorded once, not
   retried, and skipped by later runs until the file changes or `mvrec rerun-failed` asks for it.
 - Anything else while decoding is treated as transient and retried with backoff (task retries).
-- An out-of-memory batch is split in half and tried again, down to single videos.
+- An out-of-memory batch is split in half and tried again, down to single videos
+  (tasks.extract.run_batch); a video the model rejects fails alone.
 """
 
 from __future__ import annotations
@@ -33,43 +34,9 @@ from flows.plan import PERMANENT_ERRORS, extract_spec, extractor_record, plan_wo
 from mvrec.config import load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
 from tasks.decode import DecodeError, decode
+from tasks.extract import run_batch
 from tasks.discover import VideoRef, discover_videos, hash_videos, local_copy
 from tasks.lvlm import ExtractSpec, LVLMBackend, VideoFeatures, VideoInput, load_backend
-
-class BatchOOM(RuntimeError):
-    """Raised by a backend when a batch does not fit in memory (see tasks.lvlm.BackendOOM)."""
-
-
-def _is_oom(e: BaseException) -> bool:
-    if type(e).__name__ in ("BackendOOM", "OutOfMemoryError", "BatchOOM"):
-        return True
-    return isinstance(e, (MemoryError, RuntimeError)) and "out of memory" in str(e).lower()
-
-
-def extract_with_split(backend: LVLMBackend, batch: Sequence[VideoInput]) -> tuple[list[VideoFeatures], list[dict]]:
-    """Run a batch; on out-of-memory split it in half and try each half, down to one video.
-
-    Returns (features, failures) where a failure is {video_id, stage, error_type, message}.
-    Per-video errors the backend raises for one input (e.g. vLLM rejecting a video) become failures
-    of that video only; they never stop the rest of the batch.
-    """
-    try:
-        return backend.extract(batch), []
-    except Exception as e:  # noqa: BLE001 - classified below
-        if _is_oom(e) and len(batch) > 1:
-            half = len(batch) // 2
-            left, right = extract_with_split(backend, batch[:half]), extract_with_split(backend, batch[half:])
-            return left[0] + right[0], left[1] + right[1]
-        if len(batch) > 1:  # find the culprit: one at a time
-            feats, fails = [], []
-            for video in batch:
-                f, bad = extract_with_split(backend, [video])
-                feats += f
-                fails += bad
-            return feats, fails
-        return [], [{"video_id": batch[0].video_id, "stage": "lvlm", "error_type": type(e).__name__,
-                     "message": str(e)[:2000]}]
-
 
 # One loaded backend per process: loading a model is the expensive part, batches reuse it.
 _BACKENDS: dict[str, tuple[LVLMBackend, threading.Lock]] = {}
@@ -127,8 +94,11 @@ def decode_task(ref: VideoRef, frames: str, max_frames: int, max_pixels: int, ma
 @task(name="lvlm-batch", cache_policy=NO_CACHE)
 def lvlm_task(videos: list[VideoInput], backend_name: str, spec: ExtractSpec) -> tuple[list[VideoFeatures], list[dict], dict]:
     backend, lock = get_backend(backend_name, spec)
-    with lock:  # one batch at a time per loaded model
-        features, failures = extract_with_split(backend, videos)
+    with lock:  # one batch at a time per loaded model; out-of-memory batches are split in half
+        results, failed = run_batch(backend, videos)
+    features = [f for f in results if f is not None]
+    failures = [{"video_id": f.video_id, "stage": f.stage, "error_type": f.error_type, "message": f.message[:2000]}
+                for f in failed]
     LVLM_CALLS["batches"] += 1
     LVLM_CALLS["videos"] += len(videos)
     info = backend.info

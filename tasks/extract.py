@@ -63,7 +63,7 @@ def _decode_one(path: str, decode_kwargs: dict) -> tuple[VideoInput | None, Fail
     return None, failure, time.perf_counter() - t0
 
 
-def _run_model(backend: LVLMBackend, videos: list[VideoInput]) -> tuple[list[VideoFeatures | None], list[Failure]]:
+def run_batch(backend: LVLMBackend, videos: list[VideoInput]) -> tuple[list[VideoFeatures | None], list[Failure]]:
     """Features in input order (None where the video failed) and the failures."""
     try:
         return list(backend.extract(videos)), []
@@ -72,8 +72,8 @@ def _run_model(backend: LVLMBackend, videos: list[VideoInput]) -> tuple[list[Vid
             v = videos[0]
             return [None], [Failure(v.meta.path, v.video_id, "model", "BackendOOM", str(e), permanent=False)]
         half = len(videos) // 2
-        left, lf = _run_model(backend, videos[:half])
-        right, rf = _run_model(backend, videos[half:])
+        left, lf = run_batch(backend, videos[:half])
+        right, rf = run_batch(backend, videos[half:])
         return left + right, lf + rf
     except Exception as e:
         if len(videos) == 1:
@@ -81,7 +81,7 @@ def _run_model(backend: LVLMBackend, videos: list[VideoInput]) -> tuple[list[Vid
             return [None], [Failure(v.meta.path, v.video_id, "model", type(e).__name__, str(e) or repr(e), permanent=False)]
         feats, failures = [], []
         for v in videos:  # find the culprit(s)
-            f, fl = _run_model(backend, [v])
+            f, fl = run_batch(backend, [v])
             feats += f
             failures += fl
         return feats, failures
@@ -113,7 +113,7 @@ def extract_videos(
             on_progress(n_done, len(failures), len(paths))
 
     def flush(pending: list[tuple[VideoInput, float]]) -> int:
-        feats, model_failures = _run_model(backend, [v for v, _ in pending])
+        feats, model_failures = run_batch(backend, [v for v, _ in pending])
         failures.extend(model_failures)
         for (video, decode_s), feat in zip(pending, feats):
             if feat is not None:

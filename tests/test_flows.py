@@ -154,35 +154,6 @@ def test_transient_failure_after_retries_fails_the_run_and_rerun_failed_fixes_it
     assert set(per_layer.values()) == {3} and dupes == 0 and failures == []
 
 
-def test_oom_batch_is_split_in_half(corpus):
-    from flows.extract import extract_with_split
-    from tasks.decode import decode
-    from tasks.lvlm import BackendOOM, ExtractSpec, load_backend
-
-    backend = load_backend("transformers", ExtractSpec(model=str(corpus / "model"), max_new_tokens=4))
-    videos = [decode(next((corpus / "corpus" / "videos").glob(f"{i}.*")), policy="uniform:4", video_id=str(i))
-                for i in range(1, 5)]
-    sizes = []
-
-    class SmallMemory:
-        """Fault injection at the memory boundary: real OOM cannot be provoked deterministically on
-        CPU, so batches larger than 1 raise the backend's OOM error; size-1 batches run for real."""
-
-        info = backend.info
-
-        def extract(self, batch):
-            sizes.append(len(batch))
-            if len(batch) > 1:
-                raise BackendOOM("CUDA out of memory (injected)")
-            return backend.extract(batch)
-
-    features, failures = extract_with_split(SmallMemory(), videos)
-    assert failures == [] and [f.video_id for f in features] == ["1", "2", "3", "4"]
-    assert sizes == [4, 2, 1, 1, 2, 1, 1]
-    alone = backend.extract(videos[:1])[0]
-    np.testing.assert_allclose(features[0].hidden, alone.hidden, atol=1e-5)
-
-
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from flows.runtime import configure_prefect
