@@ -17,10 +17,14 @@ from rich.table import Table
 
 
 def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, seed: int = 0,
-             console: Console | None = None) -> dict:
+             console: Console | None = None, store_path: str | None = None) -> dict:
     console = console or Console()
     root = Path(out).resolve()
-    corpus, model_dir, store_dir = root / "corpus", root / "models" / "test-qwen2_5_vl", root / "store"
+    from mvrec.config import load_config
+
+    # The store is the configured one (default ./.mvrec/store), so `mvrec query` reads it afterwards.
+    store_dir = Path(store_path or load_config().store.path).resolve()
+    corpus, model_dir = root / "corpus", root / "models" / "test-qwen2_5_vl"
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -55,7 +59,6 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
 
     console.print("[bold]4/4 report[/]")
     from storage import connect, open_store
-    from mvrec.config import load_config
 
     store = open_store(load_config(overrides=overrides).store)
     with connect(store) as con:
@@ -70,12 +73,22 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     table.add_row("failures", str(failures))
     table.add_row("layers stored", f"{len(per_layer)} (video count per layer: {per_layer[0][1] if per_layer else 0})")
     table.add_row("captions with vectors", str(captions))
-    train = result.get("train") or {}
-    for name, metrics in (train.get("test") or {}).items():
-        table.add_row(f"test {name}", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    table.add_row("corpus", str(corpus))
     table.add_row("store", str(store_dir))
-    table.add_row("runs", str(root / "runs"))
-    table.add_row("query it", f"mvrec --config <(echo) query --store {store_dir} \"SELECT * FROM runs\"")
+    table.add_row("training runs", str(root / "runs"))
     table.add_row("seconds", "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(table)
+
+    train = result.get("train") or {}
+    metrics = Table(title="test metrics (leave-one-out, full ranking)")
+    columns = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "cold/HR@10"]
+    metrics.add_column("item representation")
+    for c in columns:
+        metrics.add_column(c, justify="right")
+    for name, values in (train.get("test") or {}).items():
+        metrics.add_row(name, *(f"{values[c]:.4f}" if c in values else "-" for c in columns))
+    console.print(metrics)
+    console.print("Features came from a random-weight TEST MODEL, so DFF vs ID here says nothing about LVLMs; "
+                  "run the paper's grid with `mvrec study` (see README).")
+    console.print('Next: mvrec query "SELECT layer, count(*) FROM hidden_states GROUP BY layer"')
     return {"timings": timings, "refresh": result}

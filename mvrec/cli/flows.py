@@ -161,4 +161,4 @@ def demo(
     configure_prefect(cfg.prefect)
     from flows.demo import run_demo
 
-    run_demo(out=out, videos=videos, users=users, seed=seed, console=console)
+    run_demo(out=out, videos=videos, users=users, seed=seed, console=console, store_path=cfg.store.path)
