@@ -9,7 +9,11 @@ Prints
    through tasks.extract.extract_videos (goal: >= 3x on CPU with the test model);
 3. transformers only: how to get hidden states and a caption: hooked one-pass generate (the
    backend's default), forward + generate, and generate(output_hidden_states=True,
-   return_dict_in_generate=True).
+   return_dict_in_generate=True);
+4. --backend vllm: the vLLM and transformers backends side by side (videos/s, same videos, same
+   batch size). Engine knobs come from the [vllm] config (mvrec.toml, MVREC_VLLM__* variables),
+   e.g. MVREC_VLLM__CPU_OMP_THREADS_BIND=nobind on a shared CPU. transformers runs first: the
+   in-process vLLM engine changes the process's thread settings.
 
 Videos come from tasks.demo_data (the `mvrec demo-data` corpus) and are cached under --work.
 Without --model a test model is built there (random weights: speed only, no meaning).
@@ -110,6 +114,46 @@ def bench_end_to_end(backend, paths, batch_size: int, decode_kwargs: dict) -> tu
     return rates[0], rates[1]
 
 
+def bench_side_by_side(spec, vllm_backend, videos, paths, batch_size: int, decode_kwargs: dict,
+                       end_to_end: bool) -> None:
+    """vLLM (already loaded) and transformers on the same videos: model only, and end to end."""
+    import dataclasses
+
+    from tasks.extract import extract_videos
+
+    rates = {}
+    ref = dataclasses.replace(spec, options={})
+    # transformers first: vLLM's in-process engine pins torch's thread settings for the process
+    for name in ("transformers", "vllm"):
+        if name == "transformers":
+            from tasks.lvlm import load_backend
+
+            backend = load_backend("transformers", ref)
+        else:
+            backend = vllm_backend()
+        try:
+            tokens = int(np.mean([f.n_prompt_tokens for f in backend.extract(videos[:batch_size])]))
+            batched, single = bench_model(backend, videos, batch_size)
+            e2e = float("nan")
+            if end_to_end:
+                t0 = time.perf_counter()
+                _, failures = extract_videos(paths, backend, batch_size=batch_size, decode_kwargs=decode_kwargs)
+                e2e = len(paths) / (time.perf_counter() - t0)
+                assert not failures, failures[:3]
+        finally:
+            if name == "transformers":
+                backend.close()
+        rates[name] = (batched, single, e2e)
+    print(f"vLLM vs transformers ({len(videos)} videos, ~{tokens} prompt tokens each, batch {batch_size}, "
+          f"{spec.max_new_tokens} new tokens), videos/s:")
+    print(f"  {'backend':14s} {'model, batched':>15s} {'model, 1 at a time':>19s} {'end to end':>11s}")
+    for name, (b, s1, e) in rates.items():
+        print(f"  {name:14s} {b:15.2f} {s1:19.2f} {e:11.2f}")
+    v, t = rates["vllm"], rates["transformers"]
+    print(f"  ratio vllm/transformers: batched {v[0] / t[0]:.2f}x, one at a time {v[1] / t[1]:.2f}x"
+          + (f", end to end {v[2] / t[2]:.2f}x" if end_to_end else ""))
+
+
 def bench_passes(backend, videos, batch_size: int) -> None:
     """One hooked generate vs forward + generate vs generate(output_hidden_states=True)."""
     import torch
@@ -190,10 +234,32 @@ def main() -> None:
     model = args.model or str(build_test_model(work / f"test-model-{args.arch}", arch=args.arch))
     if is_test_model(model):
         print(f"model: {model} is a random-weight TEST MODEL (speed only)")
-    spec = ExtractSpec(model=model, max_new_tokens=args.max_new_tokens)
-    backend = load_backend(args.backend, spec)
+    options = {}
+    if args.backend == "vllm":
+        import dataclasses
+
+        from mvrec.config import load_config
+
+        options = dataclasses.asdict(load_config().vllm)
+        print(f"vllm options: {options}")
+    spec = ExtractSpec(model=model, max_new_tokens=args.max_new_tokens, options=options)
     decode_kwargs = {"policy": args.frames}
     videos = [decode(p, **decode_kwargs) for p in paths]
+    if args.backend == "vllm":
+        holder = {}
+
+        def start_vllm():
+            holder["backend"] = load_backend("vllm", spec)
+            return holder["backend"]
+
+        try:
+            bench_side_by_side(spec, start_vllm, videos, paths, args.batch_size, decode_kwargs,
+                               not args.skip_end_to_end)
+        finally:
+            if "backend" in holder:
+                holder["backend"].close()
+        return
+    backend = load_backend(args.backend, spec)
     tokens = []
     try:
         feats = backend.extract(videos[: args.batch_size])
