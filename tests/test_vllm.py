@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,6 @@ from video_clips import bad_files, encode_clip  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # fp32, pooled vectors, every layer and `final`
 N_NEW = 8
 # Small engines on a shared CPU: 1 GiB of KV cache, no thread pinning. A 224x160 clip of 8
@@ -211,41 +207,50 @@ def test_qwen3_vl_matches_transformers(tmp_path_factory, videos):
     assert got[0].n_video_tokens == expected[0].n_video_tokens > 0
 
 
-MP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from tasks.decode import decode
-    from tasks.lvlm import ExtractSpec, load_backend
-
-    if __name__ == "__main__":  # multiprocess mode spawns the engine core: the guard is required
-        model, clip, out = sys.argv[1:4]
-        opts = json.loads(sys.argv[4])
-        b = load_backend("vllm", ExtractSpec(model=model, max_new_tokens=%d, options=opts))
-        r = b.extract([decode(clip, policy="uniform:8")])[0]
-        json.dump({"hidden": r.hidden.tolist(), "caption": r.caption,
-                   "mp": b.engine_env["VLLM_ENABLE_V1_MULTIPROCESSING"]}, open(out, "w"))
-        b.close()
-    """
-    % N_NEW
-)
+@pytest.fixture
+def restore_vllm_env():
+    """The backend writes VLLM_* start-up variables into os.environ; put them back afterwards."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("VLLM_")]:
+        del os.environ[k]
+    os.environ.update(saved)
 
 
 @pytest.mark.slow
-def test_multiprocess_mode_gives_the_same_features(tmp_path, qwen25, clips, vllm_batch):
-    """The engine core in a child process: hooks still reach the worker (by method name, so
-    without VLLM_ALLOW_INSECURE_SERIALIZATION), and the features are the in-process ones."""
-    script = tmp_path / "mp_extract.py"
-    script.write_text(MP_SCRIPT)
-    out = tmp_path / "out.json"
-    import json
+def test_multiprocess_mode_gives_the_same_features(restore_vllm_env, qwen25, videos, vllm_batch):
+    """The engine core in a child process (spawned; pytest's entry point has the __main__
+    guard): the hooks still reach the worker, by method name, so without
+    VLLM_ALLOW_INSECURE_SERIALIZATION, and the features are the in-process ones."""
+    os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
+    backend = load_backend("vllm", _spec(qwen25, options={"multiprocessing": True}))
+    try:
+        assert backend.engine_env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+        got = backend.extract(videos[:2])
+    finally:
+        backend.close()
+    for a, b in zip(got, vllm_batch):
+        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
+        assert a.caption == b.caption
 
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_INSECURE_SERIALIZATION"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    opts = {**ENGINE, "multiprocessing": True}
-    proc = subprocess.run([sys.executable, str(script), str(qwen25), str(clips["c0"]), str(out), json.dumps(opts)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(out.read_text())
-    assert got["mp"] == "1"
-    np.testing.assert_allclose(np.array(got["hidden"], dtype=np.float32), vllm_batch[0].hidden, atol=1e-5)
-    assert got["caption"] == vllm_batch[0].caption
+
+@pytest.mark.slow
+def test_data_parallel_replicas_split_the_batch(restore_vllm_env, qwen25, videos, vllm_batch):
+    """data_parallel_size=2: two engine processes, each batch split between them, input order kept."""
+    from tasks.lvlm_vllm import VideoRejected
+
+    backend = load_backend("vllm", _spec(qwen25, options={"data_parallel_size": 2}))
+    try:
+        assert len(backend._replicas) == 2 and backend.info.num_layers == 4
+        got = backend.extract(videos[:4])
+        empty = dataclasses.replace(videos[0], video_id="empty", frames=videos[0].frames[:0])
+        with pytest.raises(VideoRejected, match="empty"):
+            backend.extract([videos[1], empty])
+        again = backend.extract(videos[:1])  # both replicas still serve
+    finally:
+        backend.close()
+    assert [x.video_id for x in got] == [x.video_id for x in vllm_batch]
+    for a, b in zip(got, vllm_batch):
+        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
+        assert a.caption == b.caption
+    np.testing.assert_allclose(again[0].hidden, vllm_batch[0].hidden, atol=1e-5)
