@@ -141,7 +141,8 @@ def _failure(ref: VideoRef, stage: str, error: BaseException | None, run_id: str
              error_type: str = "", message: str = "") -> FailureRow:
     return FailureRow(video_id=ref.video_id, uri=ref.uri, stage=stage,
                       error_type=error_type or type(error).__name__,
-                      message=(message or str(error))[:2000], extractor_id=extractor_id, run_id=run_id)
+                      message=(message or str(error))[:2000], extractor_id=extractor_id, run_id=run_id,
+                      content_sha256=ref.content_sha256)
 
 
 @flow(name="extract-features", log_prints=True)

@@ -7,6 +7,11 @@ Embeddings are `list<float32>` (Delta `array<float>`), not `fixed_size_list`: De
 fixed-size array type, so a fixed_size_list would come back as a plain list anyway, and the
 dimension differs per extractor (it is recorded in `extractors.dim`). DuckDB therefore needs a
 cast to FLOAT[n] before `array_cosine_similarity(embedding::FLOAT[1536], ...)`.
+
+Measured before keeping list<float32> in v2 (bench/store.py data, 10k x 1536, pyarrow 26,
+DuckDB 2.0.1): Parquet has no fixed-size list either, a fixed_size_list column is written with the
+same repetition levels, and DuckDB's Parquet reader returns it as FLOAT[] (not FLOAT[1536]), so
+the cast would still be needed; decoding was within noise of list<float32>.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 # 1: first release (videos, extractors, captions, hidden_states, failures, runs, snapshots).
-SCHEMA_VERSION = 1
+# 2: failures.content_sha256 (which content a failure was about; '' when unknown). A v1 store is
+#    upgraded in place by a writer (FeatureStore(create=True): one add-column commit, old rows
+#    read as NULL); readers of a v1 store see the column as NULL.
+SCHEMA_VERSION = 2
 
 TS = pa.timestamp("us", tz="UTC")
 EMBEDDING = pa.list_(pa.float32())
@@ -32,6 +40,8 @@ class TableSpec:
     # Columns an upsert must not overwrite on a matched row (e.g. first_seen).
     keep_on_update: tuple[str, ...] = ()
     doc: str = ""
+    # (column, schema version that added it): nullable columns an older table may lack.
+    added_columns: tuple[tuple[str, int], ...] = ()
 
 
 VIDEOS = TableSpec(
@@ -115,9 +125,15 @@ FAILURES = TableSpec(
         ("attempts", pa.int64()),  # accumulated over record_failures calls
         ("run_id", pa.string()),
         ("at", TS),
+        # v2. sha256 of the content that failed ('' when unknown; NULL in rows written by v1): a
+        # replaced file has a new sha, so the flow can retry it. Last, because Delta appends an
+        # added column: a v1 table upgraded in place has the same column order as a new one.
+        ("content_sha256", pa.string()),
     ]),
     key=("video_id", "extractor_id", "stage"),
     doc="Open failures; cleared when the video later succeeds.",
+    # Added after v1, with the schema version that added them (see FeatureStore._ensure).
+    added_columns=(("content_sha256", 2),),
 )
 
 RUNS = TableSpec(

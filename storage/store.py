@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,13 +28,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
+import pyarrow.parquet as pq
+from deltalake import ColumnProperties, DeltaTable, Field, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from storage.schema import (
     ALL_TABLES,
     DATA_TABLES,
     SCHEMA_VERSION,
+    TS,
     TableSpec,
     parse_schema_version,
     table_description,
@@ -141,6 +144,7 @@ class FailureRow:
     attempts: int = 1
     run_id: str = ""
     at: datetime | None = None  # default: now
+    content_sha256: str = ""  # the content that failed (schema v2); '' when unknown
 
 
 @dataclass
@@ -323,6 +327,39 @@ def _writer_properties(spec: TableSpec) -> WriterProperties | None:
                             default_column_properties=ColumnProperties(dictionary_enabled=False))
 
 
+_DELTA_TYPES = {pa.string(): "string", pa.int32(): "integer", pa.int64(): "long", pa.float32(): "float",
+                pa.float64(): "double", pa.bool_(): "boolean", TS: "timestamp"}
+
+
+def _delta_type(t: pa.DataType) -> str:
+    """The Delta primitive type name of an Arrow type, for an added column."""
+    if t not in _DELTA_TYPES:
+        raise ValueError(f"no Delta type for an added column of type {t}")
+    return _DELTA_TYPES[t]
+
+
+def _vector_rows(chunk: pa.Array, what: str) -> np.ndarray:
+    """A non-null list / large_list / fixed_size_list<float> array as a (rows, D) float32 array.
+
+    Zero-copy when the values are float32: a view of the child buffer between the first and the
+    last offset (the list's own offsets account for a slice, its `.values` do not)."""
+    n = len(chunk)
+    if pa.types.is_fixed_size_list(chunk.type):
+        d = chunk.type.list_size
+        vals = chunk.values.slice(chunk.offset * d, n * d)
+    else:
+        offs = chunk.offsets.to_numpy()
+        lengths = np.diff(offs)
+        d = int(lengths[0]) if n else 0
+        if n and (lengths != d).any():
+            raise ValueError(f"{what}: embeddings of different lengths in one layer")
+        vals = chunk.values.slice(int(offs[0]), int(offs[-1] - offs[0]))
+    flat = vals.to_numpy(zero_copy_only=False)
+    if flat.dtype != np.float32:
+        flat = flat.astype(np.float32)
+    return flat.reshape(n, d)
+
+
 def _video_extractor_pairs(rows: Any) -> set[tuple[str, str]]:
     if isinstance(rows, pa.Table):
         eids = rows.column("extractor_id").to_pylist() if "extractor_id" in rows.column_names else [""] * rows.num_rows
@@ -354,6 +391,7 @@ class FeatureStore:
         self.is_local = not _is_uri(path)
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.storage_options = {str(k): str(v) for k, v in (storage_options or {}).items()} or None
+        self._current: set[str] = set()  # tables checked to have every column of their spec
         if create:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
@@ -377,12 +415,10 @@ class FeatureStore:
         return DeltaTable.is_deltatable(self.uri("hidden_states"), self.storage_options)
 
     def _ensure(self, spec: TableSpec) -> None:
+        """Create the table, or check its schema version and add the columns an older table lacks."""
         uri = self.uri(spec.name)
         if DeltaTable.is_deltatable(uri, self.storage_options):
-            found = parse_schema_version(DeltaTable(uri, storage_options=self.storage_options).metadata().description)
-            if found is not None and found > SCHEMA_VERSION:
-                raise ValueError(f"{uri}: written with store schema v{found}, this mvrec reads up "
-                                 f"to v{SCHEMA_VERSION}; upgrade mvrec")
+            self._upgrade(spec, DeltaTable(uri, storage_options=self.storage_options))
             return
         try:
             DeltaTable.create(uri, spec.schema, mode="ignore", partition_by=list(spec.partition_by) or None,
@@ -392,6 +428,42 @@ class FeatureStore:
             # Another process created it at the same moment: fine if it is there now.
             if not DeltaTable.is_deltatable(uri, self.storage_options):
                 raise
+        self._current.add(spec.name)
+
+    def _upgrade(self, spec: TableSpec, dt: DeltaTable) -> None:
+        """Refuse a table from a newer schema; add spec.added_columns that an older one lacks
+        (one metadata commit; existing rows read them as NULL). Safe against a concurrent upgrade."""
+        for attempt in range(COMMIT_RETRIES):
+            found = parse_schema_version(dt.metadata().description)
+            if found is not None and found > SCHEMA_VERSION:
+                raise ValueError(f"{dt.table_uri}: written with store schema v{found}, this mvrec reads up "
+                                 f"to v{SCHEMA_VERSION}; upgrade mvrec")
+            have = {f.name for f in dt.schema().fields}
+            missing = [f for f in spec.schema if f.name not in have]
+            if not missing:
+                self._current.add(spec.name)
+                return
+            addable = {c for c, _ in spec.added_columns}
+            unknown = [f.name for f in missing if f.name not in addable]
+            if unknown:
+                raise ValueError(f"{dt.table_uri}: not an mvrec {spec.name} table of schema v{found or '?'}: "
+                                 f"missing column(s) {', '.join(unknown)}")
+            try:
+                dt.alter.add_columns([Field(f.name, _delta_type(f.type), nullable=True) for f in missing])
+                dt.alter.set_table_description(table_description(spec))
+            except (CommitFailedError, DeltaError):
+                if attempt == COMMIT_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (1 + random.random()))
+            dt = DeltaTable(dt.table_uri, storage_options=self.storage_options)
+
+    def _conform(self, name: str, table: pa.Table) -> pa.Table:
+        """Rows read from a table of an older schema: the added columns it lacks, as NULL."""
+        spec = ALL_TABLES[name]
+        for col, _ in spec.added_columns:
+            if col not in table.column_names:
+                table = table.append_column(spec.schema.field(col), pa.nulls(table.num_rows, spec.schema.field(col).type))
+        return table
 
     def table(self, name: str, version: int | None = None) -> DeltaTable:
         """The Delta table `name`, at `version` (None: latest)."""
@@ -540,6 +612,8 @@ class FeatureStore:
                 combine: Callable[[pa.Table, pa.Table], pa.Table] | None = None) -> int:
         """Upsert rows by spec.key in one commit. Returns the table version after it."""
         data = _to_arrow(spec, rows, defaults)
+        if spec.added_columns and spec.name not in self._current:
+            self._ensure(spec)  # a store opened with create=False: upgrade before writing
         if spec.keep_on_update and combine is None:
             combine = _keep_columns(spec)
         return self._replace_keys(spec, data, combine)
@@ -590,7 +664,7 @@ class FeatureStore:
     def record_failures(self, rows: Iterable[Any] | pa.Table) -> int:
         """Upsert open failures by (video_id, extractor_id, stage); `attempts` add up over calls."""
         return self._upsert(ALL_TABLES["failures"], rows,
-                            defaults={"at": utcnow(), "attempts": 1, "extractor_id": ""},
+                            defaults={"at": utcnow(), "attempts": 1, "extractor_id": "", "content_sha256": ""},
                             combine=_add_attempts)
 
     def clear_failures(self, keys: Iterable[tuple[str, str]]) -> int:
@@ -610,7 +684,7 @@ class FeatureStore:
 
     def failures(self, extractor_id: str | None = None) -> list[dict[str, Any]]:
         """Open failures (optionally of one extractor, including its model-independent ones)."""
-        t = self.table("failures").to_pyarrow_table()
+        t = self._conform("failures", self.table("failures").to_pyarrow_table())
         if extractor_id is not None:
             t = t.filter(pc.is_in(t.column("extractor_id"), pa.array([extractor_id, ""])))
         return t.to_pylist()
@@ -663,10 +737,51 @@ class FeatureStore:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _layer_dataset(self, extractor_id: str, layer: int, version: int | None):
-        dt = self.table("hidden_states", version)
-        return dt, dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id),
-                                                     ("layer", "=", str(int(layer)))])
+    def plain_files(self, name: str, dt: DeltaTable,
+                    partition: Mapping[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]] | None:
+        """The Parquet files of the version `dt` is loaded at (optionally only those of one
+        partition, e.g. {"extractor_id": e, "layer": 3}), each with its partition values.
+
+        Exactly that committed version's add actions, so a reader of these files sees one commit
+        (files of a commit in flight, or of a killed writer, are not listed). Returns None when the
+        files cannot be read as plain Parquet by another reader: an object store (the pyarrow
+        dataset reads those), deletion vectors or column mapping (reader protocol > 1), or add
+        paths that do not resolve to the table's own file list.
+        """
+        if not self.is_local:
+            return None
+        proto = dt.protocol()
+        if proto.min_reader_version > 1 or proto.reader_features:
+            return None
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        pcols = [c for c in actions.column_names if c.startswith("partition.")]
+        root = self.uri(name)
+        paths = [os.path.join(root, p) for p in actions.column("path").to_pylist()]
+        if set(paths) != set(dt.file_uris()):
+            return None
+        parts = [dict(zip((c[len("partition."):] for c in pcols), vals))
+                 for vals in zip(*(actions.column(c).to_pylist() for c in pcols))] if pcols else [{}] * len(paths)
+        want = dict(partition or {})
+        return [(p, v) for p, v in zip(paths, parts) if all(v.get(k) == x for k, x in want.items())]
+
+    def _scan(self, name: str, dt: DeltaTable, partition: Mapping[str, Any], columns: list[str]) -> pa.Table:
+        """`columns` of one partition at dt's version: the Parquet files read directly when local
+        (no dataset discovery), else through the pyarrow dataset (object stores)."""
+        files = self.plain_files(name, dt, partition)
+        if files is not None:
+            parts = []
+            for path, _ in files:
+                with pq.ParquetFile(path) as f:
+                    if not set(columns) <= set(f.schema_arrow.names):
+                        parts = None  # an older file without a column: let the dataset fill it
+                        break
+                    parts.append(f.read(columns=columns))
+            if parts is not None:
+                if not parts:
+                    return ALL_TABLES[name].schema.empty_table().select(columns)
+                return pa.concat_tables(parts, promote_options="permissive")
+        preds = [(k, "=", v if isinstance(v, str) else str(v)) for k, v in partition.items()]
+        return dt.to_pyarrow_dataset(file_pruning_predicate=preds or None).to_table(columns=columns)
 
     def layers(self, extractor_id: str, as_of: AsOf = None) -> list[int]:
         """The layer indices stored for an extractor (final is -1)."""
@@ -708,7 +823,8 @@ class FeatureStore:
     def _matrix(self, table: pa.Table, column: str, item_ids: Sequence[str], what: str,
                 as_of: AsOf, strict: bool, version: int) -> FeatureMatrix:
         item_ids = [str(i) for i in item_ids]
-        table = table.filter(pc.is_valid(table.column(column)))
+        if table.column(column).null_count:
+            table = table.filter(pc.is_valid(table.column(column)))
         vids = table.column("video_id")
         if table.num_rows and pc.count_distinct(vids).as_py() != table.num_rows:
             # A video with several content versions: keep the rows of its current content.
@@ -724,23 +840,27 @@ class FeatureStore:
             is_dup = pc.is_in(vids, pa.array(dup_ids))
             table = table.filter(pc.or_(pc.invert(is_dup), pc.is_in(pair, keep_pairs)))
             vids = table.column("video_id")
-        emb = table.column(column).combine_chunks() if table.num_rows else None
         n = len(item_ids)
-        if emb is not None and len(emb):
-            lengths = pc.list_value_length(emb)
-            d = pc.min(lengths).as_py()
-            if d != pc.max(lengths).as_py():
-                raise ValueError(f"{what}: embeddings of different lengths in one layer")
-            flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-        else:
-            d, flat = 0, np.zeros((0, 0), np.float32)
-        pos = pc.index_in(pa.array(item_ids, pa.string()), value_set=vids.combine_chunks() if table.num_rows
-                          else pa.array([], pa.string()))
+        # Row blocks straight from the Arrow chunks (no combine_chunks of the list column: that
+        # copy, the flatten and a fancy-index temporary were most of the old load time).
+        blocks = [_vector_rows(c, what) for c in table.column(column).chunks if len(c)]
+        dims = {b.shape[1] for b in blocks}
+        if len(dims) > 1:
+            raise ValueError(f"{what}: embeddings of different lengths in one layer")
+        d = dims.pop() if dims else 0
+        vset = vids.combine_chunks() if table.num_rows else pa.array([], pa.string())
+        if not pa.types.is_string(vset.type):
+            vset = vset.cast(pa.string())
+        pos = pc.index_in(pa.array(item_ids, pa.string()), value_set=vset)
         present = pos.is_valid().to_numpy(zero_copy_only=False)
-        values = np.zeros((n, d), dtype=np.float32)
-        if present.any():
-            idx = pos.filter(pos.is_valid()).to_numpy()
-            values[present] = flat[idx]
+        src = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False)
+        values = np.empty((n, d), dtype=np.float32) if present.all() else np.zeros((n, d), dtype=np.float32)
+        start = 0
+        for b in blocks:  # gather each file's rows straight into item order (2x faster than concat + take)
+            m = (src >= start) & (src < start + len(b))
+            if m.any():
+                values[m] = b[src[m] - start]
+            start += len(b)
         fm = FeatureMatrix(item_ids, values, present, version)
         if strict and not present.all():
             raise MissingItemsError(what, fm.missing)
@@ -754,9 +874,10 @@ class FeatureStore:
         MissingItemsError listing them; strict=False returns zero rows with present=False.
         as_of: a tag, a snapshot() dict, or an int version of hidden_states.
         """
-        dt, ds = self._layer_dataset(extractor_id, layer, self.version_of("hidden_states", as_of))
+        dt = self.table("hidden_states", self.version_of("hidden_states", as_of))
         # No video_id filter pushdown: ids are unordered strings, file stats would not prune.
-        t = ds.to_table(columns=["video_id", "content_sha256", "embedding"])
+        t = self._scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": int(layer)},
+                       ["video_id", "content_sha256", "embedding"])
         return self._matrix(t, "embedding", item_ids, f"hidden_states[{extractor_id}, layer {layer}]",
                             as_of, strict, dt.version())
 
@@ -764,15 +885,19 @@ class FeatureStore:
                        strict: bool = True) -> FeatureMatrix:
         """Caption text embeddings for `item_ids`, like layer_matrix (int as_of: captions version)."""
         dt = self.table("captions", self.version_of("captions", as_of))
-        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id)])
-        t = ds.to_table(columns=["video_id", "content_sha256", "text_embedding"])
+        t = self._scan("captions", dt, {"extractor_id": extractor_id},
+                       ["video_id", "content_sha256", "text_embedding"])
         return self._matrix(t, "text_embedding", item_ids, f"captions[{extractor_id}].text_embedding",
                             as_of, strict, dt.version())
 
     def read(self, table: str, as_of: AsOf = None, columns: list[str] | None = None) -> pa.Table:
         """A whole table as Arrow (small tables: videos, runs, failures, extractors, snapshots)."""
         version = self.version_of(table, as_of) if table in DATA_TABLES else None
-        return self.table(table, version).to_pyarrow_table(columns=columns)
+        dt = self.table(table, version)
+        have = {f.name for f in dt.schema().fields}
+        cols = None if columns is None else [c for c in columns if c in have]
+        out = self._conform(table, dt.to_pyarrow_table(columns=cols))
+        return out if columns is None else out.select(columns)
 
     # -- maintenance --------------------------------------------------------------------------
 

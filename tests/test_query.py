@@ -206,3 +206,91 @@ def test_cli_store_tag_snapshots_compact(store, capsys):
     code, out, _ = _mvrec(["query", "SELECT count(*) AS n FROM hidden_states", "--as-of", "first", "-f", "csv"],
                           store, capsys)
     assert code == 0 and out.splitlines() == ["n", "60"]
+
+
+# --- native Parquet views over the pinned files, the top-k cache, pure readers ------------------
+
+def test_views_read_exactly_the_pinned_versions_files(store, tmp_path):
+    import shutil
+
+    store.tag("t0")
+    pinned = {p for p, _ in store.plain_files("hidden_states", store.table("hidden_states"))}
+    store.upsert_hidden_states([HiddenStateRow(f"v{i}", "s", "e", 0, np.ones(D)) for i in range(5)])  # replaces 5 rows
+    newer = {p for p, _ in store.plain_files("hidden_states", store.table("hidden_states"))} - pinned
+    assert newer
+    # A Parquet file in the partition directory that no commit references (a killed writer's).
+    part_dir = os.path.join(store.root, "hidden_states", "extractor_id=e", "layer=0")
+    stray = os.path.join(part_dir, "part-99999-stray.parquet")
+    shutil.copy(sorted(pinned)[0], stray)
+    with connect(store, as_of="t0") as con:
+        assert con.native["hidden_states"] == len(pinned)  # DuckDB's reader, not an Arrow scan
+        assert con.execute("SELECT count(*), count(DISTINCT video_id) FROM hidden_states").fetchone() == (60, 30)
+        assert con.execute("SELECT count(*) FROM hidden_states WHERE layer = 0 AND embedding = "
+                           f"[{', '.join(['1.0'] * D)}]::FLOAT[]").fetchone() == (0,)  # not the newer rows
+        plan = con.execute("EXPLAIN SELECT count(*) FROM hidden_states WHERE extractor_id = 'e' AND layer = 3"
+                           ).fetchall()[0][1]
+        assert "Scanning Files" in plan  # partition filters prune files
+        # The pinned files are all DuckDB may open: newer files, strays, globs are refused.
+        for path in (sorted(newer)[0], stray, f"{part_dir}/*.parquet"):
+            with pytest.raises(Exception, match="(?i)permission|disabled"):
+                con.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()
+    with connect(store) as con:
+        assert con.execute("SELECT count(*) FROM hidden_states WHERE layer = 0 AND embedding = "
+                           f"[{', '.join(['1.0'] * D)}]::FLOAT[]").fetchone() == (5,)
+        assert con.execute("SELECT count(*) FROM hidden_states").fetchone() == (60,)
+
+
+def test_top_k_cache_is_pinned_and_equals_the_view_query(store):
+    store.tag("t0")
+    with connect(store, as_of="t0") as cached, connect(store, as_of="t0", topk_cache_bytes=0) as plain:
+        # An unfetched result on the connection must not get in the way of loading the cache.
+        cached.execute("SELECT * FROM hidden_states")
+        first = cached.top_k_similar("v7", "e", 3, k=5)
+        assert cached._topk and not plain._topk
+        again = cached.top_k_similar("v7", "e", 3, k=5)
+        via_view = plain.top_k_similar("v7", "e", 3, k=5)
+        assert [v for v, _ in first] == [v for v, _ in again] == [v for v, _ in via_view]
+        np.testing.assert_allclose([s for _, s in first], [s for _, s in via_view], rtol=1e-6)
+        # A commit after connecting changes nothing for the open connection (cache included).
+        store.upsert_hidden_states([HiddenStateRow("twin", "s", "e", 3,
+                                                   store.layer_matrix("e", 3, ["v7"]).values[0])])
+        assert "twin" not in [v for v, _ in cached.top_k_similar("v7", "e", 3, k=5)]
+        with pytest.raises(ValueError, match="no embedding"):
+            cached.top_k_similar("twin", "e", 3)
+    with connect(store) as con:
+        assert con.top_k_similar("v7", "e", 3, k=1)[0][0] == "twin"
+    # A budget smaller than the layer: the search runs over the view, same answer.
+    with connect(store, as_of="t0", topk_cache_bytes=100) as small:
+        assert [v for v, _ in small.top_k_similar("v7", "e", 3, k=5)] == [v for v, _ in first]
+        assert not small._topk
+
+
+def test_pure_readers_do_not_create_a_store(tmp_path, capsys):
+    missing = tmp_path / "typo" / "store"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        connect(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        FeatureStore(missing, create=False)
+    from recommender.features import load_store_features
+
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_store_features(str(missing), "e", ["v1"])
+    from mvrec.cli import main
+
+    os.environ["MVREC_STORE__PATH"] = str(missing)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["query", "SELECT 1"])
+    finally:
+        del os.environ["MVREC_STORE__PATH"]
+    assert e.value.code != 0 and "no feature store" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_failures_view_has_content_sha256(store):
+    from storage import FailureRow
+
+    store.record_failures([FailureRow("v1", "decode", "ValueError", "bad", content_sha256="abc")])
+    with connect(store) as con:
+        assert con.execute("SELECT video_id, content_sha256 FROM failures").fetchall() == [("v1", "abc")]
+        assert dict(con.views()["failures"])["content_sha256"] == "VARCHAR"

@@ -351,3 +351,100 @@ def test_reader_never_sees_a_partial_commit(tmp_path):
         assert n % block == 0 and k * len(LAYERS) == n, (n, k)
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)  # never goes back
     assert seen[-1][0] == 20 * block
+
+
+# --- schema v2: failures.content_sha256, upgrade of a v1 store, fast layer reads -----------------
+
+def test_failures_carry_content_sha256(store, eid):
+    store.record_failures([FailureRow("v1", "extract", "RuntimeError", "boom", extractor_id=eid,
+                                      content_sha256="sha-old"),
+                           FailureRow("v2", "decode", "ValueError", "bad")])
+    rows = {r["video_id"]: r for r in store.failures()}
+    assert rows["v1"]["content_sha256"] == "sha-old" and rows["v2"]["content_sha256"] == ""
+    # Same key (video, extractor, stage), new content: one row, the new sha, attempts add up.
+    store.record_failures([FailureRow("v1", "extract", "RuntimeError", "again", extractor_id=eid,
+                                      content_sha256="sha-new")])
+    (row,) = [r for r in store.failures() if r["video_id"] == "v1"]
+    assert (row["content_sha256"], row["attempts"]) == ("sha-new", 2)
+
+
+def test_v1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from storage.schema import ALL_TABLES, SCHEMA_VERSION
+
+    root = tmp_path / "store"
+    FeatureStore(root)  # a store with every table, then turn `failures` back into v1
+    spec = ALL_TABLES["failures"]
+    v1 = pa.schema([f for f in spec.schema if f.name != "content_sha256"])
+    uri = str(root / "failures")
+    import shutil
+    shutil.rmtree(uri)
+    DeltaTable.create(uri, v1, name="failures", description="mvrec failures schema v1")
+    write_deltalake(uri, pa.Table.from_pylist([{"video_id": "old", "uri": "u", "extractor_id": "", "stage": "decode",
+                                                "error_type": "E", "message": "m", "attempts": 1, "run_id": "r",
+                                                "at": datetime.now(timezone.utc)}], schema=v1), mode="append")
+
+    reader = FeatureStore(root, create=False)  # readers do not write: the column reads as NULL
+    assert [r["content_sha256"] for r in reader.failures()] == [None]
+    assert reader.read("failures").column_names == spec.schema.names
+    assert "content_sha256" not in {f.name for f in DeltaTable(uri).schema().fields}
+    from storage import connect
+
+    with connect(reader) as con:
+        assert con.execute("SELECT video_id, content_sha256 FROM failures").fetchall() == [("old", None)]
+
+    writer = FeatureStore(root)  # create=True upgrades in place: one add-column commit
+    dt = DeltaTable(uri)
+    assert [f.name for f in dt.schema().fields] == spec.schema.names
+    assert dt.metadata().description == f"mvrec failures schema v{SCHEMA_VERSION}"
+    writer.record_failures([FailureRow("new", "decode", "E", "m", content_sha256="abc")])
+    assert {r["video_id"]: r["content_sha256"] for r in writer.failures()} == {"old": None, "new": "abc"}
+
+
+def test_v1_store_opened_read_only_is_upgraded_by_its_first_failure_write(tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from storage.schema import ALL_TABLES
+
+    root = tmp_path / "store"
+    FeatureStore(root)
+    uri = str(root / "failures")
+    shutil.rmtree(uri)
+    DeltaTable.create(uri, pa.schema([f for f in ALL_TABLES["failures"].schema if f.name != "content_sha256"]),
+                      name="failures", description="mvrec failures schema v1")
+    st = FeatureStore(root, create=False)
+    st.record_failures([FailureRow("v", "decode", "E", "m", content_sha256="s")])
+    assert [r["content_sha256"] for r in st.failures()] == ["s"]
+
+
+def test_layer_matrix_direct_file_read_equals_the_dataset_read(store, eid, monkeypatch):
+    # Several commits -> several files (Arrow chunks) for one layer; a replaced row; a missing item.
+    store.write_batch(_batch(eid, range(0, 6)))
+    store.write_batch(_batch(eid, range(6, 12)))
+    store.upsert_hidden_states([HiddenStateRow("v3", "sha3", eid, 1, np.full(D, 7.0, np.float32))])
+    ids = ["v11", "v3", "nope", "v0", "v7"]
+    direct = store.layer_matrix(eid, 1, ids, strict=False)
+    assert direct.missing == ["nope"]
+    np.testing.assert_array_equal(direct.values[0], _vec(11, 1))
+    np.testing.assert_array_equal(direct.values[1], np.full(D, 7.0, np.float32))
+    assert not direct.values[2].any()
+    monkeypatch.setattr(FeatureStore, "plain_files", lambda *a, **k: None)  # force the pyarrow dataset
+    via_dataset = store.layer_matrix(eid, 1, ids, strict=False)
+    np.testing.assert_array_equal(direct.values, via_dataset.values)
+    assert direct.present.tolist() == via_dataset.present.tolist()
+
+
+def test_plain_files_are_exactly_one_versions_add_actions(store, eid):
+    store.write_batch(_batch(eid, range(0, 3)))
+    v1 = store.table("hidden_states").version()
+    store.write_batch(_batch(eid, range(0, 3)))  # replaces every row: new files, old ones removed
+    old = store.plain_files("hidden_states", store.table("hidden_states", v1), {"extractor_id": eid, "layer": 0})
+    new = store.plain_files("hidden_states", store.table("hidden_states"), {"extractor_id": eid, "layer": 0})
+    assert old and new and not {p for p, _ in old} & {p for p, _ in new}
+    assert all(part == {"extractor_id": eid, "layer": 0} for _, part in new)
+    assert all(os.path.exists(p) for p, _ in old + new)  # not vacuumed yet: time travel still works
