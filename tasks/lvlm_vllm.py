@@ -48,7 +48,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from tasks.lvlm import (
-    FINAL_LAYER,
     POOLINGS,
     ExtractSpec,
     ModelInfo,
@@ -58,7 +57,7 @@ from tasks.lvlm import (
     parse_layers,
 )
 
-# What a request looks like to the worker: "<our id>-<8 random chars>" (vLLM adds the suffix).
+# The worker extension that carries the hooks; vLLM imports it by name in every worker.
 _EXT_CLS = "tasks.lvlm_vllm.HiddenStateRecorder"
 
 
