@@ -35,6 +35,8 @@ Engine modes
 `__main__` guard and suits Prefect's thread task runner. `true` runs it in a child process; the
 calling script then needs an `if __name__ == "__main__":` guard. Both modes are tested.
 Tensor parallelism always uses worker processes; the hooks reach them the same way.
+`data_parallel_size = d > 1` spawns d replica processes, each with one engine (vLLM's offline
+`LLM` is a single replica), and splits every batch between them.
 """
 
 from __future__ import annotations
