@@ -26,27 +26,40 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, flo
     return out
 
 
-def history_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, n_cols: int,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
-    """CSR histories of `users` -> bool [len(users), n_cols] with True at seen items."""
+def history_index(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR histories of `users` -> (row, item) index pairs, rows numbered 0..len(users)-1."""
     starts, ends = indptr[users], indptr[users + 1]
     lengths = ends - starts
     rows = np.repeat(np.arange(len(users)), lengths)
     # Positions of every history entry of these users in `indices`, without a Python loop.
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     cols = indices[np.repeat(starts, lengths) + offsets]
+    return torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+
+
+def history_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, n_cols: int,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """CSR histories of `users` -> bool [len(users), n_cols] with True at seen items."""
     mask = torch.zeros(len(users), n_cols, dtype=torch.bool, device=device)
-    mask[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = True
+    mask[history_index(indptr, indices, users, device)] = True
     return mask
 
 
-def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """scores [B, n_items + 1] (column 0 = padding), targets [B], seen [B, n_items + 1] -> 1-based ranks."""
-    blocked = seen.clone()
-    blocked[:, 0] = True
-    blocked[torch.arange(len(targets), device=targets.device), targets] = False  # the target stays rankable
-    scores = scores.float().masked_fill(blocked, float("-inf"))
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+               ) -> torch.Tensor:
+    """scores [B, n_items + 1] (column 0 = padding), targets [B] -> 1-based ranks. Overwrites `scores`.
+
+    seen: bool [B, n_items + 1], or (rows, items) index pairs (cheaper: no dense mask).
+    The target's score is read before masking, so a target that is also in the history stays
+    rankable (it never counts as scoring higher than itself)."""
+    scores = scores.float()
     target_scores = scores.gather(1, targets[:, None])
+    if isinstance(seen, tuple):
+        scores[seen] = float("-inf")
+    else:
+        scores.masked_fill_(seen, float("-inf"))
+    scores[:, 0] = float("-inf")
     return (scores > target_scores).sum(1) + 1
 
 
@@ -84,10 +97,10 @@ def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: 
         seq = torch.as_tensor(inputs[users], device=device)
         tgt = torch.as_tensor(targets[users], device=device)
         scores = model.user_vectors(seq) @ items.T
-        seen = history_mask(indptr, indices, users, scores.shape[1], device)
         if protocol == "full":
-            ranks.append(full_ranks(scores, tgt, seen).cpu())
+            ranks.append(full_ranks(scores, tgt, history_index(indptr, indices, users, device)).cpu())
         else:
+            seen = history_mask(indptr, indices, users, scores.shape[1], device)
             ranks.append(sampled_ranks(scores, tgt, seen, gen).cpu())
     ranks = torch.cat(ranks)
     out = metrics_from_ranks(ranks, ks)

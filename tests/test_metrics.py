@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recommender.evaluate import full_ranks, history_mask, metrics_from_ranks, sampled_ranks
+from recommender.evaluate import full_ranks, history_index, history_mask, metrics_from_ranks, sampled_ranks
 
 
 def test_metrics_hand_computed():
@@ -70,7 +70,12 @@ def test_vectorised_full_ranking_equals_naive_loop():
     for start in range(0, n_users, 64):  # batched, as evaluate() does
         users = np.arange(start, min(start + 64, n_users))
         seen = history_mask(indptr, indices, users, n_items + 1)
-        vec.append(full_ranks(torch.from_numpy(scores[users]), torch.from_numpy(targets[users]), seen))
+        dense = full_ranks(torch.from_numpy(scores[users]), torch.from_numpy(targets[users]), seen)
+        # the index form (what evaluate() uses) must agree with the dense mask
+        by_index = full_ranks(torch.from_numpy(scores[users]), torch.from_numpy(targets[users]),
+                              history_index(indptr, indices, users))
+        assert torch.equal(dense, by_index)
+        vec.append(dense)
     vec = torch.cat(vec).numpy()
     ref = naive_ranks(scores, targets, histories)
     np.testing.assert_array_equal(vec, ref)
