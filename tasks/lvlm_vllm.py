@@ -398,6 +398,11 @@ class VLLMBackend:
             engine_kwargs["mm_processor_kwargs"] = dict(opts["mm_processor_kwargs"])
         # Any other vLLM engine argument (e.g. max_num_batched_tokens); not part of lineage.
         engine_kwargs.update(dict(opts.get("engine_kwargs") or {}))
+        import torch
+
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
+        # (in-process mode); close() puts the original back.
+        self._set_num_threads = torch.set_num_threads
         t0 = time.perf_counter()
         self.llm = LLM(**engine_kwargs)
         self.startup_s = time.perf_counter() - t0
@@ -568,6 +573,11 @@ class VLLMBackend:
         import gc
 
         gc.collect()
+        original = getattr(self, "_set_num_threads", None)
+        if original is not None:
+            import torch
+
+            torch.set_num_threads = original
 
 
 # --------------------------------------------------------------------------------------------
