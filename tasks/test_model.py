@@ -164,7 +164,10 @@ def _build_processor(arch: str, tok):
                                    chat_template=CHAT_TEMPLATE)
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    image = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16)
+    # Real Qwen3-VL checkpoints normalise images and video with mean = std = 0.5; so must we, or
+    # vLLM (which normalises video with the image processor's values) disagrees with transformers.
+    image = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     # Qwen3-VL's video budget counts all frames together; frames arrive already sampled.
     video = Qwen3VLVideoProcessor(size={"shortest_edge": MIN_PIXELS * 2, "longest_edge": MAX_PIXELS * MAX_FRAMES},
                                   patch_size=16, do_sample_frames=False, cap_pixels_per_frame=False)
