@@ -18,7 +18,6 @@ Failures:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time

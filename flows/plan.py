@@ -6,16 +6,14 @@ starting an orchestrator when there is none.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
-from pathlib import Path
 from typing import Sequence
 
 import mvrec
 from mvrec.config import Config
 from storage import ExtractorRecord, open_store
 from tasks.discover import VideoRef, discover_videos, hash_videos
-from tasks.lvlm import ExtractSpec
+from tasks.lvlm import ExtractSpec, model_revision
 
 # Part of every extractor's lineage: bump when a change here or in tasks/ changes the features.
 FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
@@ -24,24 +22,6 @@ PERMANENT_ERRORS = {"DecodeError", "Unreadable", "NoVideoStream", "ZeroFrames", 
                     "VideoRejected"}
 
 
-
-
-def model_revision(model: str, revision: str) -> str:
-    """A revision for lineage, known without loading weights.
-
-    Local directory: a hash of its config and the names and sizes of its weight files.
-    Hub id: the configured revision, or "main".
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.name == "config.json":
-                digest.update(f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin"):
-                digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        return revision or f"local-{digest.hexdigest()[:12]}"
-    return revision or "main"
 
 
 def extract_spec(cfg: Config) -> ExtractSpec:

@@ -10,7 +10,9 @@ In the store and in layer selections, `final` is written as layer -1 (FINAL_LAYE
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -109,6 +111,25 @@ class LVLMBackend(Protocol):
     def close(self) -> None:
         """Free the model (and GPU memory)."""
         ...
+
+
+def model_revision(model: str, revision: str = "", hf_config: Any = None) -> str:
+    """The revision recorded in lineage; known without loading weights where possible.
+
+    Local directory: a hash of its config.json and the names and sizes of its weight files.
+    Hub id: the commit transformers resolved (hf_config._commit_hash) when given, else the
+    configured revision, else "main".
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.name == "config.json":
+                digest.update(f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin"):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        return revision or f"local-{digest.hexdigest()[:12]}"
+    return getattr(hf_config, "_commit_hash", None) or revision or "main"
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:

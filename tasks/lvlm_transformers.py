@@ -22,7 +22,6 @@ forward for the hidden states, then generate). bench/extract.py measures both ag
 
 from __future__ import annotations
 
-import hashlib
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +40,7 @@ from tasks.lvlm import (
     VideoInput,
     VideoMeta,
     layer_rows,
+    model_revision,
     parse_layers,
 )
 
@@ -197,17 +197,6 @@ def processor_metadata(meta: VideoMeta):
     )
 
 
-def _model_revision(model_id: str, revision: str, config) -> str:
-    """The resolved hub commit, or a hash of a local directory's config."""
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return commit
-    local = Path(model_id) / "config.json"
-    if local.is_file():
-        return "local-" + hashlib.sha256(local.read_bytes()).hexdigest()[:12]
-    return revision or "unknown"
-
-
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
@@ -253,7 +242,7 @@ class TransformersBackend:
         self.rows = layer_rows(self.layers, self.num_layers)
         self.info = ModelInfo(
             model=spec.model,
-            revision=_model_revision(spec.model, spec.revision, config),
+            revision=model_revision(spec.model, spec.revision, config),
             arch=config.model_type,
             num_layers=self.num_layers,
             hidden_size=text_config.hidden_size,

@@ -41,7 +41,6 @@ Tensor parallelism always uses worker processes; the hooks reach them the same w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from tasks.lvlm import (
     VideoFeatures,
     VideoInput,
     layer_rows,
+    model_revision,
     parse_layers,
 )
 
@@ -312,17 +312,6 @@ def _resolve_dtype(spec: ExtractSpec, opts: dict[str, Any], on_cpu: bool) -> str
     return "float32" if on_cpu else "bfloat16"
 
 
-def _model_revision(model: str, revision: str, hf_config: Any) -> str:
-    """The resolved hub commit, or a hash of a local directory's config (as the transformers backend)."""
-    commit = getattr(hf_config, "_commit_hash", None)
-    if commit:
-        return commit
-    cfg = Path(model) / "config.json"
-    if cfg.is_file():
-        return "local-" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:12]
-    return revision or "unknown"
-
-
 def _norm_params(proc: Any) -> tuple | None:
     if proc is None:
         return None
@@ -415,7 +404,7 @@ class VLLMBackend:
         self.rows = layer_rows(self.layers, num_layers)
         self.info = ModelInfo(
             model=spec.model,
-            revision=_model_revision(spec.model, spec.revision, hf),
+            revision=model_revision(spec.model, spec.revision, hf),
             arch=str(getattr(hf, "model_type", "")),
             num_layers=num_layers,
             hidden_size=int(text_cfg.hidden_size),
