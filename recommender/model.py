@@ -79,11 +79,15 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; with last_only, only the last position's output [B, 1, C]
+        (its keys and values still come from every position: same result, a fraction of the work)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, mask, x = q[:, :, -1:], mask[..., -1:, :], x[:, -1:]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, T, C)))
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, x.shape[1], C)))
         return x + self.ffn(self.ln2(x))
 
 
@@ -100,8 +104,9 @@ class SASRec(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.n_items, self.dim = items.n_items, dim
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, T] left-padded item indices -> hidden states [B, T, dim]."""
+    def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """seq [B, T] left-padded item indices -> hidden states [B, T, dim] ([B, 1, dim] with last_only:
+        the last block then computes only the last position, which is all that scoring needs)."""
         B, T = seq.shape
         valid = seq != 0
         x = self.items(seq) * self.dim**0.5 + self.pos(torch.arange(T, device=seq.device))
@@ -110,8 +115,9 @@ class SASRec(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
         eye = torch.eye(T, dtype=torch.bool, device=seq.device)
         mask = (causal & (valid[:, None, :] | eye))[:, None]  # [B, 1, T, T]
-        for block in self.blocks:
-            x = block(x, mask) * valid.unsqueeze(-1)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, last) * (valid[:, -1:] if last else valid).unsqueeze(-1)
         return self.ln(x)
 
     def all_items(self) -> torch.Tensor:
@@ -119,7 +125,7 @@ class SASRec(nn.Module):
         return self.items(torch.arange(self.n_items + 1, device=self.pos.weight.device))
 
     def user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.forward(seq)[:, -1]  # last position (inputs are left-padded)
+        return self.forward(seq, last_only=True)[:, -1]  # last position (inputs are left-padded)
 
     def score_all(self, seq: torch.Tensor) -> torch.Tensor:
         return self.user_vectors(seq) @ self.all_items().T
