@@ -231,3 +231,35 @@ def test_loss_masks_history_but_not_the_target(loss):
                     keep[tgt[b, t]] = True
                     expected.append(-torch.log_softmax(logits[keep], 0)[keep[:tgt[b, t] + 1].sum() - 1])
         torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_model_evaluator_equals_a_per_user_argsort_loop():
+    """evaluate()'s full-ranking path (last-position encoder, reused buffer, in-place count) against
+    one user at a time: full forward pass, score all items, mask history, argsort, find the target."""
+    from recommender.evaluate import full_ranking_ranks
+
+    seqs, _ = planted(300, 60, n_topics=6, seed=3)
+    data = build_sequences(seqs)
+    torch.manual_seed(0)
+    model = SASRec(ItemEmbedding(data.n_items, 16), 10, 16, 2, 2, 0.1).eval()
+    inputs, targets = data.targets("test")
+    with torch.no_grad():
+        full = model.forward(torch.as_tensor(inputs))[:, -1]
+        assert torch.allclose(model.user_vectors(torch.as_tensor(inputs)), full, atol=1e-5)
+        ranks = full_ranking_ranks(model, data, "test", batch_size=64).numpy()  # several batches + a short one
+        indptr, indices = data.history("test")
+        items = model.all_items()
+        for u in range(data.n_users):
+            s = (model.forward(torch.as_tensor(inputs[u:u + 1]))[0, -1] @ items.T).numpy().astype(np.float64)
+            s[0] = -np.inf
+            hist = [h for h in indices[indptr[u]:indptr[u + 1]] if h != targets[u]]
+            s[hist] = -np.inf
+            order = np.argsort(-s, kind="stable")
+            loop_rank = int(np.flatnonzero(order == targets[u])[0]) + 1
+            # batch-1 and batched matmuls round differently: only a near-tie may move a rank
+            near = np.abs(s - s[targets[u]]) < 1e-5
+            near[targets[u]] = False
+            if near.any():
+                assert abs(int(ranks[u]) - loop_rank) <= int(near.sum())
+            else:
+                assert ranks[u] == loop_rank, u
