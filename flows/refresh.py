@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.extract import extract_features, extractor_record
+from flows.extract import extract_features
+from flows.plan import pending_work
 from flows.runtime import make_task_runner
 from mvrec.config import load_config
 from storage import FeatureStore, open_store
@@ -63,16 +64,24 @@ def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None 
     cfg = load_config(config_path, overrides=overrides)
     source = source or cfg.refresh.source
     interactions = interactions if interactions is not None else cfg.refresh.interactions
-    extract = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
-    state = extract(source, overrides=overrides, config_path=config_path, return_state=True)
-    extraction_failed = state.is_failed()
-    summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BaseException):
-        # Transient failures: what succeeded is committed; carry on with it and fail at the end.
-        summary = {"error": str(summary)}
+    work = pending_work(cfg, source)
+    eid = work["extractor_id"]
+    extraction_failed = False
+    if work["to_extract"] or work["unreadable"]:
+        extract = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
+        state = extract(source, overrides=overrides, config_path=config_path, return_state=True)
+        extraction_failed = state.is_failed()
+        summary = state.result(raise_on_failure=False)
+        if isinstance(summary, BaseException):
+            # Transient failures: what succeeded is committed; carry on with it and fail at the end.
+            summary = {"error": str(summary)}
+    else:  # nothing new: no subflow, no model, no run record to write
+        log.info("nothing new: %d videos already extracted by %s", work["done"], eid)
+        summary = {"extractor_id": eid, "discovered": work["videos"], "processed": 0, "failed": 0,
+                   "skipped_done": work["done"], "skipped_broken": work["known_broken"], "lvlm_batches": 0}
     store = open_store(cfg.store)
-    eid = extractor_record(cfg).extractor_id
-    embedded = embed_captions(store, eid, cfg.extract.text_model)
+    embedded = embed_captions(store, eid, cfg.extract.text_model) if (work["captions_to_embed"] or
+                                                                     summary.get("processed")) else 0
     log.info("embedded %d captions with %s", embedded, cfg.extract.text_model)
     trained = None
     if interactions:

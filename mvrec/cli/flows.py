@@ -69,8 +69,9 @@ def refresh(
     source = source or cfg.refresh.source
     if "://" not in source and not os.path.exists(source):
         raise FileNotFoundError(f"video source not found: {source}")
-    if not always:
-        # Starting Prefect costs seconds; when the store already has everything, skip it.
+    if not always and not (interactions or cfg.refresh.interactions):
+        # Starting Prefect costs seconds; when the store already has everything (and there is no
+        # retraining to do), skip it.
         from flows.plan import pending_work
 
         work = pending_work(cfg, source)
