@@ -81,12 +81,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]; with last_only, only the last position's output [B, 1, C]
-        (its keys and values still come from every position: same result, a fraction of the work)."""
+        (the same values as slicing the full output, bit for bit on our CPU: attention still runs over
+        every query, since one query alone rounds differently; the projection and FFN run on one row)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        if last_only:
-            q, mask, x = q[:, :, -1:], mask[..., -1:, :], x[:, -1:]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if last_only:
+            a, x = a[:, :, -1:], x[:, -1:]
         x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, x.shape[1], C)))
         return x + self.ffn(self.ln2(x))
 
