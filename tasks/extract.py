@@ -20,9 +20,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from tasks.decode import DecodeError, decode
+from tasks.discover import discover_videos
 from tasks.lvlm import BackendOOM, LVLMBackend, VideoFeatures, VideoInput, VideoMeta
 
 
@@ -157,10 +158,9 @@ def extract_one(path: str | Path, backend: LVLMBackend, **decode_kwargs) -> Extr
     return Extracted(str(path), backend.extract([video])[0], video.meta, 0.0)
 
 
-def video_files(directory: str | Path, extensions: Sequence[str] = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")) -> list[Path]:
-    """Video files directly under or below `directory`, sorted by path."""
+def video_files(directory: str | Path) -> list[Path]:
+    """Video files below `directory`, sorted by path: the same rule the flows use (tasks.discover)."""
     root = Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"VIDEO_DIR: {root} is not a directory")
-    wanted = {e.lower() for e in extensions}
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    return [Path(ref.uri) for ref in discover_videos(root)]
