@@ -14,6 +14,15 @@ from mvrec.cli.common import app, console, err_console, get_config
 
 FEATURE_HELP = "Hidden-state matrix: .npy (+ <name>.ids.txt), .npz (item_ids, features, layers) or .parquet."
 
+# Options that `train` and `study` share: where the interactions and the features come from.
+_INTERACTIONS = typer.Option(..., "--interactions", "-i", help="pairs.tsv (user<TAB>item item ...) or 'user item' rows.")
+_FEATURES = typer.Option(None, "--features", help=FEATURE_HELP)
+_CAPTION_FEATURES = typer.Option(None, "--caption-features", help="Caption vectors, same formats.")
+_EXTRACTOR = typer.Option(None, "--extractor", help="Read hidden states of this extractor from the store.")
+_CAPTION_EXTRACTOR = typer.Option(None, "--caption-extractor", help="Read caption vectors from the store.")
+_AS_OF = typer.Option(None, "--as-of", help="Store snapshot to read (default: the latest).")
+_SYNTHETIC_TOPICS = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json.")
+
 
 def _load(interactions: Path, cfg, features, caption_features, topics, extractor, caption_extractor, as_of,
           layers: str = "all"):
@@ -46,15 +55,15 @@ def _metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
 
 @app.command()
 def train(
-    interactions: Path = typer.Option(..., "--interactions", "-i", help="pairs.tsv (user<TAB>item item ...) or 'user item' rows."),
+    interactions: Path = _INTERACTIONS,
     representation: Optional[str] = typer.Option(None, "--representation", "-r", help="id | replace | fuse | dff"),
     source: Optional[str] = typer.Option(None, "--source", help="caption | hidden:all | hidden:<l1,l2,...>"),
-    features: Optional[Path] = typer.Option(None, "--features", help=FEATURE_HELP),
-    caption_features: Optional[Path] = typer.Option(None, "--caption-features", help="Caption vectors, same formats."),
-    extractor: Optional[str] = typer.Option(None, "--extractor", help="Read hidden states of this extractor from the store."),
-    caption_extractor: Optional[str] = typer.Option(None, "--caption-extractor", help="Read caption vectors from the store."),
-    as_of: Optional[str] = typer.Option(None, "--as-of", help="Store snapshot to read (default: the latest)."),
-    synthetic_topics: Optional[Path] = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json."),
+    features: Optional[Path] = _FEATURES,
+    caption_features: Optional[Path] = _CAPTION_FEATURES,
+    extractor: Optional[str] = _EXTRACTOR,
+    caption_extractor: Optional[str] = _CAPTION_EXTRACTOR,
+    as_of: Optional[str] = _AS_OF,
+    synthetic_topics: Optional[Path] = _SYNTHETIC_TOPICS,
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -83,13 +92,13 @@ def train(
 
 @app.command()
 def study(
-    interactions: Path = typer.Option(..., "--interactions", "-i", help="pairs.tsv (user<TAB>item item ...) or 'user item' rows."),
-    features: Optional[Path] = typer.Option(None, "--features", help=FEATURE_HELP),
-    caption_features: Optional[Path] = typer.Option(None, "--caption-features", help="Caption vectors, same formats."),
-    extractor: Optional[str] = typer.Option(None, "--extractor", help="Read hidden states of this extractor from the store."),
-    caption_extractor: Optional[str] = typer.Option(None, "--caption-extractor", help="Read caption vectors from the store."),
-    as_of: Optional[str] = typer.Option(None, "--as-of", help="Store snapshot to read (default: the latest)."),
-    synthetic_topics: Optional[Path] = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json."),
+    interactions: Path = _INTERACTIONS,
+    features: Optional[Path] = _FEATURES,
+    caption_features: Optional[Path] = _CAPTION_FEATURES,
+    extractor: Optional[str] = _EXTRACTOR,
+    caption_extractor: Optional[str] = _CAPTION_EXTRACTOR,
+    as_of: Optional[str] = _AS_OF,
+    synthetic_topics: Optional[Path] = _SYNTHETIC_TOPICS,
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per cell (>= 3 for the report)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Hidden layers to study: all | 0,4,final"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs per run."),
