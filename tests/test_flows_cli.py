@@ -31,6 +31,12 @@ def _env(tmp: Path, **extra) -> dict:
     return env
 
 
+def test_refresh_names_a_missing_model_directory_before_starting(tmp_path):
+    result = _run(["refresh", str(tmp_path), "--model", str(tmp_path / "no-such-model")], _env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: extract.model: no model directory at {tmp_path / 'no-such-model'}"
+
+
 def test_serve_needs_a_server_and_a_valid_cron(tmp_path):
     result = _run(["serve", str(tmp_path)], _env(tmp_path))
     assert result.returncode == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -26,7 +27,11 @@ def _prepare(overrides: dict[str, Any]):
     configure_prefect(cfg.prefect)
     if cfg.extract.backend not in ("transformers", "vllm"):
         raise ValueError(f"extract.backend: unknown backend {cfg.extract.backend!r} (choose transformers or vllm)")
-    test_model_notice(cfg.extract.model)
+    model = cfg.extract.model
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        # A path, not a hub id: fail now rather than after Prefect has started.
+        raise FileNotFoundError(f"extract.model: no model directory at {model}")
+    test_model_notice(model)
     return cfg
 
 
