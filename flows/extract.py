@@ -51,13 +51,6 @@ def get_backend(name: str, spec: ExtractSpec) -> tuple[LVLMBackend, threading.Lo
         return _BACKENDS[key]
 
 
-def close_backends() -> None:
-    with _BACKENDS_LOCK:
-        for backend, _ in _BACKENDS.values():
-            backend.close()
-        _BACKENDS.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # Tasks
 
@@ -101,8 +94,7 @@ def lvlm_task(videos: list[VideoInput], backend_name: str, spec: ExtractSpec) ->
     LVLM_CALLS["batches"] += 1
     LVLM_CALLS["videos"] += len(videos)
     info = backend.info
-    return features, failures, {"dim": info.hidden_size, "num_layers": info.num_layers,
-                                "is_test_model": info.is_test_model}
+    return features, failures, {"dim": info.hidden_size, "num_layers": info.num_layers}
 
 
 @task(name="commit-batch", cache_policy=NO_CACHE)
@@ -129,11 +121,11 @@ class ExtractSummary:
     failures: list[dict] = field(default_factory=list)
 
 
-def _video_row(ref: VideoRef, video: VideoInput | None) -> VideoRow:
-    m = video.meta if video is not None else None
+def _video_row(ref: VideoRef, video: VideoInput) -> VideoRow:
+    m = video.meta
     return VideoRow(video_id=ref.video_id, uri=ref.uri, content_sha256=ref.content_sha256, bytes=ref.bytes,
-                    duration_s=m.duration_s if m else None, fps=m.fps if m else None,
-                    width=m.source_width or m.width if m else None, height=m.source_height or m.height if m else None)
+                    duration_s=m.duration_s, fps=m.fps, width=m.source_width or m.width,
+                    height=m.source_height or m.height)
 
 
 def _failure(ref: VideoRef, stage: str, error: BaseException | None, run_id: str, extractor_id: str = "",

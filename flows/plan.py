@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
+import pyarrow.compute as pc
+
 import mvrec
 from mvrec.config import Config
-from storage import ExtractorRecord, open_store
+from storage import ExtractorRecord, FeatureStore, open_store
 from tasks.discover import VideoRef, discover_videos, hash_videos
 from tasks.lvlm import ExtractSpec, model_revision
 
@@ -62,6 +64,13 @@ def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failu
     return todo, counts
 
 
+def captions_to_embed(store: FeatureStore, extractor_id: str, text_model: str) -> list[dict]:
+    """Caption rows of this extractor without a vector from `text_model`."""
+    t = store.read("captions")
+    rows = t.filter(pc.equal(t.column("extractor_id"), extractor_id)).to_pylist()
+    return [r for r in rows if r.get("text_embedding") is None or r.get("text_model") != text_model]
+
+
 def pending_work(cfg: Config, source: str, only_failed: bool = False) -> dict:
     """What a refresh of `source` would do, read from the store without loading a model.
 
@@ -72,11 +81,10 @@ def pending_work(cfg: Config, source: str, only_failed: bool = False) -> dict:
     hashed, unreadable = hash_videos(refs)
     eid = extractor_record(cfg).extractor_id
     store = open_store(cfg.store)
-    todo, counts = plan_work(hashed, store.completed(eid), store.failures(eid), only_failed=only_failed)
-    captions = store.read("captions", columns=["extractor_id", "text_model", "text_embedding"]).to_pylist()
-    to_embed = sum(1 for c in captions if c["extractor_id"] == eid
-                   and (c["text_embedding"] is None or c["text_model"] != cfg.extract.text_model))
-    known_unreadable = {f["video_id"] for f in store.failures(eid)}
+    failures = store.failures(eid)
+    todo, counts = plan_work(hashed, store.completed(eid), failures, only_failed=only_failed)
+    to_embed = len(captions_to_embed(store, eid, cfg.extract.text_model))
+    known_unreadable = {f["video_id"] for f in failures}
     return {"extractor_id": eid, "videos": len(refs), "to_extract": len(todo), "captions_to_embed": to_embed,
             "done": counts["done"], "known_broken": counts["known_broken"],
             "unreadable": len([r for r, _ in unreadable if r.video_id not in known_unreadable])}

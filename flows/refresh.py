@@ -10,23 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.extract import extract_features
-from flows.plan import pending_work
+from flows.plan import captions_to_embed, pending_work
 from flows.runtime import make_task_runner
 from mvrec.config import load_config
 from storage import FeatureStore, open_store
-
-
-def captions_to_embed(store: FeatureStore, extractor_id: str, text_model: str) -> list[dict]:
-    """Caption rows of this extractor without a vector from `text_model`."""
-    t = store.read("captions")
-    t = t.filter(pc.equal(t.column("extractor_id"), extractor_id))
-    rows = t.to_pylist()
-    return [r for r in rows if r.get("text_embedding") is None or r.get("text_model") != text_model]
 
 
 @task(name="embed-captions", cache_policy=NO_CACHE)

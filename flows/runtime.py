@@ -1,7 +1,7 @@
 """How flows run: Prefect settings for the embedded mode, and the task runner chosen in config.
 
 `configure_prefect` must run before `prefect` is first imported, because Prefect reads its
-settings at import time. The CLI calls it; so does `flows.__init__`-free code such as tests.
+settings at import time. The CLI and the benchmarks call it first.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mvrec.config import Config, PrefectConfig
+from mvrec.config import PrefectConfig
 
 TASK_RUNNERS = ("threads", "dask", "ray")
 
@@ -56,8 +56,3 @@ def make_task_runner(cfg: PrefectConfig):
             return RayTaskRunner(address=cfg.ray_address)
         return RayTaskRunner(init_kwargs={"num_cpus": cfg.max_workers, "include_dashboard": False})
     raise ValueError(f"prefect.task_runner: unknown runner {cfg.task_runner!r} (choose {', '.join(TASK_RUNNERS)})")
-
-
-def prepare(cfg: Config) -> None:
-    """Everything a flow entry point needs before importing Prefect."""
-    configure_prefect(cfg.prefect)
