@@ -23,3 +23,11 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=60):
         yield home
+
+
+def pytest_collection_modifyitems(items):
+    """End-to-end tests (several Prefect starts, real processes) get a longer pytest-timeout than the
+    300 s default in pyproject.toml, unless they set their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(900))

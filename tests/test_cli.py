@@ -144,3 +144,30 @@ def test_errors_in_a_real_process(tmp_path, argv, named):
     done = run_subprocess(*argv, cwd=tmp_path)
     assert_one_line_error(done.returncode, done.stderr, named)
     assert done.stdout == ""
+
+
+# Exit codes (docs/cli.md): 0 completed, 1 the run ran but failed, 2 bad input or config before any work.
+
+
+def test_exit_code_raised_by_a_command_reaches_the_shell(monkeypatch, capsys):
+    """main() runs the app in click's non-standalone mode, which hands a `typer.Exit(code)` back as a
+    return value instead of exiting: main() must turn it into the process status. (A throwaway app
+    stands in for `mvrec refresh`, whose failed flow raises typer.Exit(1); the real end-to-end case is
+    test_failed_refresh_exits_1.)"""
+    import mvrec.cli
+
+    tiny = typer.Typer()
+
+    @tiny.command()
+    def fail(code: int = 1) -> None:
+        raise typer.Exit(code)
+
+    @tiny.command()
+    def ok() -> None:
+        pass
+
+    monkeypatch.setattr(mvrec.cli, "app", tiny)
+    assert run_in_process(["fail"], capsys)[0] == 1
+    assert run_in_process(["fail", "--code", "3"], capsys)[0] == 3
+    assert run_in_process(["fail", "--code", "0"], capsys)[0] == 0
+    assert run_in_process(["ok"], capsys)[0] == 0

@@ -1,8 +1,11 @@
 """The `mvrec` command line: a thin face over flows, tasks and storage.
 
-Each area registers its commands from its own module. Errors the user can fix (a bad option,
-a missing path, an invalid value) print one line naming the culprit and exit with code 2;
-set MVREC_DEBUG=1 to see the traceback instead.
+Each area registers its commands from its own module. Exit codes (docs/cli.md):
+
+    0  the command (or run) completed
+    1  the run ran but failed, or some videos failed with transient errors
+    2  bad input or config, found before any work started: one line naming the culprit
+       (set MVREC_DEBUG=1 to see the traceback instead)
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False so that we format errors ourselves; in this mode click hands a
+        # `typer.Exit(code)` raised by a command back as the return value instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         err_console.print(f"error: {msg}".replace("\n", " "), markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+        sys.exit(rc)
 
 
 __all__ = ["app", "main"]
