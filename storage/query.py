@@ -39,7 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.schema import ALL_TABLES
-from storage.store import AsOf, FeatureStore, _vector_rows
+from storage.arrow import conform, vector_rows
+from storage.records import AsOf
+from storage.store import FeatureStore
 
 # Partition values written into a hive path verbatim by Delta (no escaping involved).
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -192,7 +194,7 @@ class ReadOnlyConnection:
         if all(c in have for c in spec.schema.names):
             self._con.register(name, dt.to_pyarrow_dataset())
         else:  # a table of an older schema (read-only access does not upgrade it): NULL columns
-            self._con.register(name, self.store._conform(name, dt.to_pyarrow_table()))
+            self._con.register(name, conform(name, dt.to_pyarrow_table()))
 
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run one read-only statement; returns a relation (.fetchall(), .arrow(), .df(), .columns)."""
@@ -239,12 +241,12 @@ class ReadOnlyConnection:
         files = self.store.plain_files("hidden_states", dt, {"extractor_id": extractor_id, "layer": int(layer)})
         if files is not None and sum(os.path.getsize(p) for p, _ in files) > self.topk_cache_bytes:
             return None
-        t = self.store._scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": int(layer)},
+        t = self.store.scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": int(layer)},
                              ["video_id", "embedding"])
         if t.column("embedding").null_count:
             t = t.filter(pc.is_valid(t.column("embedding")))
         what = f"hidden_states[{extractor_id}, layer {layer}]"
-        blocks = [_vector_rows(c, what) for c in t.column("embedding").chunks if len(c)]
+        blocks = [vector_rows(c, what) for c in t.column("embedding").chunks if len(c)]
         if not blocks:
             return None
         d = blocks[0].shape[1]

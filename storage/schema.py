@@ -132,7 +132,7 @@ FAILURES = TableSpec(
     ]),
     key=("video_id", "extractor_id", "stage"),
     doc="Open failures; cleared when the video later succeeds.",
-    # Added after v1, with the schema version that added them (see FeatureStore._ensure).
+    # Added after v1, with the schema version that added them (see DeltaTables.ensure).
     added_columns=(("content_sha256", 2),),
 )
 
@@ -186,3 +186,19 @@ def parse_schema_version(description: str | None) -> int | None:
         return int(description.rsplit(" schema v", 1)[1])
     except ValueError:
         return None
+
+
+# `mvrec extract --out FILE.parquet`: features without a store, one row per video (ok or failed).
+# Not a Delta table; it lives here so every schema the project writes is in one place.
+EXTRACT_FILE = pa.schema([
+    ("video_id", pa.string()), ("path", pa.string()), ("status", pa.string()),  # ok | failed
+    ("error_stage", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
+    ("caption", pa.string()), ("layers", pa.list_(pa.int32())),
+    ("hidden", pa.list_(pa.list_(pa.float32()))),  # one pooled vector per entry of `layers`
+    ("pooling", pa.string()), ("n_video_tokens", pa.int32()), ("n_prompt_tokens", pa.int32()),
+    ("n_new_tokens", pa.int32()), ("num_frames", pa.int32()), ("fps", pa.float64()),
+    ("duration_s", pa.float64()), ("width", pa.int32()), ("height", pa.int32()), ("rotation", pa.int32()),
+    ("decoder", pa.string()), ("timings", pa.string()),  # timings: JSON of the stage times
+    ("model", pa.string()), ("revision", pa.string()), ("arch", pa.string()), ("is_test_model", pa.bool_()),
+    ("prompt", pa.string()), ("frames", pa.string()),
+])

@@ -43,19 +43,11 @@ def _write_parquet(rows: list[dict], out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("video_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
-        ("error_stage", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
-        ("caption", pa.string()), ("layers", pa.list_(pa.int32())), ("hidden", pa.list_(pa.list_(pa.float32()))),
-        ("pooling", pa.string()), ("n_video_tokens", pa.int32()), ("n_prompt_tokens", pa.int32()),
-        ("n_new_tokens", pa.int32()), ("num_frames", pa.int32()), ("fps", pa.float64()),
-        ("duration_s", pa.float64()), ("width", pa.int32()), ("height", pa.int32()), ("rotation", pa.int32()),
-        ("decoder", pa.string()), ("timings", pa.string()), ("model", pa.string()), ("revision", pa.string()),
-        ("arch", pa.string()), ("is_test_model", pa.bool_()), ("prompt", pa.string()), ("frames", pa.string()),
-    ])
+    from storage.schema import EXTRACT_FILE
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXTRACT_FILE), tmp)
     tmp.replace(out)  # a reader never sees half a file
 
 
