@@ -15,7 +15,7 @@ Prints
    e.g. MVREC_VLLM__CPU_OMP_THREADS_BIND=nobind on a shared CPU. transformers runs first: the
    in-process vLLM engine changes the process's thread settings.
 
-Videos come from tasks.demo_data (the `mvrec demo-data` corpus) and are cached under --work.
+Videos come from mvrec.devtools.demo_data (the `mvrec demo-data` corpus) and are cached under --work.
 Without --model a test model is built there (random weights: speed only, no meaning).
 Any backend that tasks.lvlm.load_backend knows plugs in through --backend.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tasks import torch_compat  # noqa: E402
+from mvrec.devtools import torch_compat  # noqa: E402
 
 torch_compat.install()
 
@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 
 def corpus(work: Path, n: int) -> list[Path]:
-    """n demo videos (cached), rendered by tasks.demo_data."""
-    from tasks.demo_data import make_demo_corpus
+    """n demo videos (cached), rendered by mvrec.devtools.demo_data."""
+    from mvrec.devtools.demo_data import make_demo_corpus
 
     out = work / f"corpus-{n}"
     videos = sorted((out / "videos").glob("*")) if (out / "corpus.json").exists() else []
@@ -220,7 +220,8 @@ def main() -> None:
 
     from tasks.decode import decode
     from tasks.lvlm import ExtractSpec, load_backend
-    from tasks.test_model import build_test_model, is_test_model
+    from mvrec.devtools.test_model import build_test_model
+    from tasks.lvlm import is_test_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

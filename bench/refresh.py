@@ -33,8 +33,8 @@ def main() -> None:
     from mvrec.config import PrefectConfig
 
     configure_prefect(PrefectConfig(home=str(work / "prefect")))
-    from tasks.demo_data import make_demo_corpus
-    from tasks.test_model import build_test_model
+    from mvrec.devtools.demo_data import make_demo_corpus
+    from mvrec.devtools.test_model import build_test_model
 
     make_demo_corpus(work / "corpus", videos=args.videos, users=100, seed=0)
     build_test_model(work / "model")

@@ -31,7 +31,7 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     marker = corpus / "corpus.json"
     if not marker.exists() or json.loads(marker.read_text())["params"].get("videos") != videos \
             or json.loads(marker.read_text())["params"].get("users") != users:
-        from tasks.demo_data import make_demo_corpus
+        from mvrec.devtools.demo_data import make_demo_corpus
 
         console.print(f"[bold]1/4 demo corpus[/]: {videos} videos, {users} users -> {corpus}")
         make_demo_corpus(corpus, videos=videos, users=users, seed=seed)
@@ -40,7 +40,7 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     timings["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from tasks.test_model import build_test_model
+    from mvrec.devtools.test_model import build_test_model
 
     if not (model_dir / "config.json").exists():
         build_test_model(model_dir)

@@ -11,6 +11,7 @@ In the store and in layer selections, `final` is written as layer -1 (FINAL_LAYE
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -19,6 +20,7 @@ import numpy as np
 
 FINAL_LAYER = -1
 POOLINGS = ("video", "prompt", "last")
+TEST_MODEL_FLAG = "mvrec_test_model"  # set in config.json by mvrec.devtools.test_model
 
 
 @dataclass
@@ -130,6 +132,17 @@ def model_revision(model: str, revision: str = "", hf_config: Any = None) -> str
                 digest.update(f"{f.name}:{f.stat().st_size}".encode())
         return revision or f"local-{digest.hexdigest()[:12]}"
     return getattr(hf_config, "_commit_hash", None) or revision or "main"
+
+
+def is_test_model(path_or_id: str | Path) -> bool:
+    """True when the model's config.json says it came from `build_test_model` (local dirs only)."""
+    config = Path(path_or_id) / "config.json"
+    if not config.is_file():
+        return False  # a hub id or a missing path: real models never carry the flag
+    try:
+        return bool(json.loads(config.read_text()).get(TEST_MODEL_FLAG, False))
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:

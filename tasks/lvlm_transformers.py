@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tasks import torch_compat
+from mvrec.devtools import torch_compat
 from tasks.lvlm import (
     FINAL_LAYER,
     POOLINGS,
@@ -39,6 +39,7 @@ from tasks.lvlm import (
     VideoFeatures,
     VideoInput,
     VideoMeta,
+    is_test_model,
     layer_rows,
     model_revision,
     parse_layers,
@@ -52,7 +53,7 @@ MODES = ("one_pass", "two_pass")
 
 
 # ---------------------------------------------------------------------------------------------
-# pooling, shared by the backend and the reference computation used in tests
+# pooling (tests/test_extract_transformers.py recomputes it from output_hidden_states)
 
 
 def pooling_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
@@ -77,30 +78,6 @@ def pooling_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor, pooli
 def pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, S, D) x (B, S) -> (B, D) float32."""
     return torch.einsum("bs,bsd->bd", weights.to(hidden.device), hidden.float())
-
-
-def reference_pooled(model, inputs: dict, pooling: str, layers: Sequence[int]) -> np.ndarray:
-    """(B, len(layers), D) pooled straight from `output_hidden_states` of plain forward passes.
-
-    For tests: an independent route to the numbers the hooks produce. transformers puts the
-    post-norm state in its last entry; with `tie_last_hidden_states=False` the last entry is
-    the last decoder layer's own output (pre-norm), so two forwards give all L + 2 states.
-    """
-    text_config = model.config.get_text_config()
-    num_layers = text_config.num_hidden_layers
-    with torch.inference_mode():
-        tied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = after the norm
-        old = getattr(text_config, "tie_last_hidden_states", None)
-        text_config.tie_last_hidden_states = False
-        try:
-            untied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = layer L
-        finally:
-            text_config.tie_last_hidden_states = old
-    assert len(untied) == num_layers + 1, f"expected {num_layers + 1} hidden states, got {len(untied)}"
-    stack = list(untied) + [tied[-1]]  # rows 0..L, L+1 = final
-    w = pooling_weights(inputs["input_ids"], inputs["attention_mask"], pooling, model.config.video_token_id)
-    rows = layer_rows(layers, num_layers)
-    return torch.stack([pool(stack[r], w) for r in rows], dim=1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +187,6 @@ class TransformersBackend:
     def __init__(self, spec: ExtractSpec):
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
-
-        from tasks.test_model import is_test_model
 
         hf_logging.disable_progress_bar()
         if spec.pooling not in POOLINGS:
@@ -378,5 +353,5 @@ class TransformersBackend:
             torch.cuda.empty_cache()
 
 
-__all__ = ["TransformersBackend", "pooling_weights", "pool", "reference_pooled", "processor_metadata",
+__all__ = ["TransformersBackend", "pooling_weights", "pool", "processor_metadata",
            "FINAL_LAYER"]

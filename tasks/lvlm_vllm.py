@@ -54,6 +54,7 @@ from tasks.lvlm import (
     ModelInfo,
     VideoFeatures,
     VideoInput,
+    is_test_model,
     layer_rows,
     model_revision,
     parse_layers,
@@ -359,8 +360,6 @@ class VLLMBackend:
 
         from transformers import AutoProcessor
         from vllm import LLM
-
-        from tasks.test_model import is_test_model
 
         self.processor = AutoProcessor.from_pretrained(spec.model, revision=spec.revision or None)
         self.tokenizer = self.processor.tokenizer

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from tasks.demo_data import (
+from mvrec.devtools.demo_data import (
     SIZES,
     TOPICS,
     CorpusParams,
@@ -22,8 +22,8 @@ from tasks.demo_data import (
     make_demo_corpus,
     make_interactions,
     plan_videos,
-    write_corrupt_files,
 )
+from video_clips import write_corrupt_files
 
 SMALL = dict(videos=12, users=50)
 

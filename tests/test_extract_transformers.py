@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pytest
 
+from mvrec.devtools.test_model import build_test_model
 from tasks.decode import decode
 from tasks.extract import extract_videos
-from tasks.lvlm import FINAL_LAYER, BackendOOM, ExtractSpec, LVLMBackend, load_backend
-from tasks.lvlm_transformers import TransformersBackend, reference_pooled
-from tasks.test_model import build_test_model
+from tasks.lvlm import FINAL_LAYER, BackendOOM, ExtractSpec, LVLMBackend, layer_rows, load_backend
+from tasks.lvlm_transformers import TransformersBackend, pool, pooling_weights
 from video_clips import bad_files, encode_clip
 
 DECODE = {"policy": "fps:4", "max_frames": 8}
+
+
+def reference_pooled(model, inputs: dict, pooling: str, layers: Sequence[int]) -> np.ndarray:
+    """(B, len(layers), D) pooled straight from `output_hidden_states` of plain forward passes.
+
+    An independent route to the numbers the backend's hooks produce. transformers puts the
+    post-norm state in its last entry; with `tie_last_hidden_states=False` the last entry is
+    the last decoder layer's own output (pre-norm), so two forwards give all L + 2 states.
+    """
+    import torch
+
+    text_config = model.config.get_text_config()
+    num_layers = text_config.num_hidden_layers
+    with torch.inference_mode():
+        tied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = after the norm
+        old = getattr(text_config, "tie_last_hidden_states", None)
+        text_config.tie_last_hidden_states = False
+        try:
+            untied = model(**inputs, output_hidden_states=True).hidden_states  # [-1] = layer L
+        finally:
+            text_config.tie_last_hidden_states = old
+    assert len(untied) == num_layers + 1, f"expected {num_layers + 1} hidden states, got {len(untied)}"
+    stack = list(untied) + [tied[-1]]  # rows 0..L, L+1 = final
+    w = pooling_weights(inputs["input_ids"], inputs["attention_mask"], pooling, model.config.video_token_id)
+    rows = layer_rows(layers, num_layers)
+    return torch.stack([pool(stack[r], w) for r in rows], dim=1).cpu().numpy()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.demo_data import make_demo_corpus, write_corrupt_files
-from tasks.test_model import build_test_model
+from mvrec.devtools.demo_data import make_demo_corpus
+from mvrec.devtools.test_model import build_test_model
+from video_clips import write_corrupt_files
 
 pytestmark = pytest.mark.slow
 

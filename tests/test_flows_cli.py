@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import make_demo_corpus, write_corrupt_files
-from tasks.test_model import build_test_model
+from mvrec.devtools.demo_data import make_demo_corpus
+from mvrec.devtools.test_model import build_test_model
+from video_clips import write_corrupt_files
 
 MVREC = str(Path(sys.executable).with_name("mvrec"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))

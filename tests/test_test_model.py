@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks import torch_compat
+from mvrec.devtools import torch_compat
 
 torch_compat.install()
 
@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 from tasks.decode import decode  # noqa: E402
 from tasks.lvlm_transformers import processor_metadata  # noqa: E402
-from tasks.test_model import TEST_MODEL_FLAG, build_test_model, is_test_model  # noqa: E402
+from mvrec.devtools.test_model import build_test_model  # noqa: E402
+from tasks.lvlm import TEST_MODEL_FLAG, is_test_model  # noqa: E402
 from video_clips import encode_clip  # noqa: E402
 
 

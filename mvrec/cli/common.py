@@ -40,7 +40,7 @@ def get_config(**overrides: Any) -> Config:
 
 def test_model_notice(model_dir: str | Path) -> None:
     """Say loudly when a command loads a random-weight test model."""
-    from tasks.test_model import is_test_model
+    from tasks.lvlm import is_test_model
 
     if is_test_model(model_dir):
         err_console.print(

@@ -42,7 +42,7 @@ def demo_data_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.demo_data import make_demo_corpus
+    from mvrec.devtools.demo_data import make_demo_corpus
 
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a directory", param_hint="--out")
@@ -72,13 +72,13 @@ def build_test_model_cmd(
     """Build a tiny random-weight Qwen-VL TEST MODEL locally (no hub): for tests and the demo."""
     import time
 
-    from tasks.test_model import ARCHS, build_test_model
+    from mvrec.devtools.test_model import ARCHS, build_test_model
 
     if arch not in ARCHS:
         raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHS)}", param_hint="--arch")
     if hidden % 4:
         raise typer.BadParameter(f"{hidden} is not divisible by the 4 attention heads", param_hint="--hidden")
-    from tasks import torch_compat
+    from mvrec.devtools import torch_compat
 
     torch_compat.install()
     # Import the (lazy) model and processor modules first so the timing below is the build alone.

@@ -14,19 +14,18 @@ The recipe (see /work/shared/ENVIRONMENT.md):
 - text head_dim = hidden / heads >= 32, so vLLM's CPU attention accepts it, and an mrope_section
   that sums to head_dim / 2.
 
-Its config carries `mvrec_test_model: true`; `is_test_model()` reads it so every command that
-loads such a model can say that its captions and features mean nothing.
+Its config carries `mvrec_test_model: true`; `tasks.lvlm.is_test_model()` reads it so every
+command that loads such a model can say that its captions and features mean nothing.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from tasks import torch_compat
+from mvrec.devtools import torch_compat
+from tasks.lvlm import TEST_MODEL_FLAG
 
-TEST_MODEL_FLAG = "mvrec_test_model"
 ARCHS = ("qwen2_5_vl", "qwen3_vl")
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
@@ -211,14 +210,3 @@ def build_test_model(
     model.save_pretrained(out)
     _build_processor(arch, tok).save_pretrained(out)
     return out
-
-
-def is_test_model(path_or_id: str | Path) -> bool:
-    """True when the model's config.json says it came from `build_test_model` (local dirs only)."""
-    config = Path(path_or_id) / "config.json"
-    if not config.is_file():
-        return False  # a hub id or a missing path: real models never carry the flag
-    try:
-        return bool(json.loads(config.read_text()).get(TEST_MODEL_FLAG, False))
-    except (OSError, json.JSONDecodeError):
-        return False

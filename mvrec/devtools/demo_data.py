@@ -20,7 +20,7 @@ Layout written under `out_dir`:
     items.csv                   item_id,file,title
     corpus.json                 parameters, seed, topics and the hidden topic of every item
 
-Nothing here imports flows/, storage/, recommender/ or mvrec.
+Nothing here imports flows/, storage/ or recommender/.
 """
 
 from __future__ import annotations
@@ -624,44 +624,7 @@ def make_demo_corpus(
     return meta
 
 
-# --------------------------------------------------------------------------------------------
-# Deliberately broken files, for tests of decoding and failure handling
-# --------------------------------------------------------------------------------------------
-
-
-def write_corrupt_files(directory: str | Path, first_id: int | None = None) -> list[Path]:
-    """Write a zero-byte .mp4, a truncated .mp4, a text file named .mp4 and a truncated .mkv.
-
-    With first_id the files are named <first_id>.mp4, <first_id+1>.mp4, ... so they look like
-    corpus items; otherwise they get descriptive names.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    names = ["zero_bytes.mp4", "truncated.mp4", "not_a_video.mp4", "truncated.mkv"]
-    if first_id is not None:
-        names = [f"{first_id + i}{Path(n).suffix}" for i, n in enumerate(names)]
-    paths = [d / n for n in names]
-
-    paths[0].write_bytes(b"")
-
-    # Truncate real videos to 40% of their bytes: the mp4 loses its moov index,
-    # the mkv keeps its header but loses most frames.
-    scratch = d / ".corrupt_scratch"
-    for path, ext, codec in ((paths[1], "mp4", "libx264"), (paths[3], "mkv", "mpeg4")):
-        spec = VideoSpec(item_id=0, topic=0, codec=codec, ext=ext, width=160, height=284, fps=15,
-                         n_frames=45, seed=0, title="")
-        encode_video(spec, scratch)
-        data = (scratch / spec.file).read_bytes()
-        path.write_bytes(data[: int(len(data) * 0.4)])
-        (scratch / spec.file).unlink()
-
-    paths[2].write_text("this is not a video, only text with a .mp4 name\n", encoding="utf-8")
-    for leftover in (scratch / "videos", scratch):
-        leftover.rmdir()
-    return paths
-
-
-if __name__ == "__main__":  # python -m tasks.demo_data OUT [videos] [users] [seed]
+if __name__ == "__main__":  # python -m mvrec.devtools.demo_data OUT [videos] [users] [seed]
     import sys
     import time
 
