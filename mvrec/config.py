@@ -82,6 +82,9 @@ class ExtractConfig:
     # "all" or a comma list of layer indices, e.g. "0,8,16,final"
     layers: str = "all"
     batch_size: int = 4
+    # A video of which fewer frames decode than its header promises: accept (stored, flagged
+    # `partial` in videos) | fail (a PartialVideo failure row instead).
+    partial: str = "accept"
     # Rows per store commit.
     commit_size: int = 64
     decode_workers: int = 2

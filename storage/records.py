@@ -69,6 +69,8 @@ class VideoRow:
     height: int | None = None
     first_seen: datetime | None = None  # default: now (kept on later upserts)
     last_seen: datetime | None = None  # default: now
+    frame_count: int | None = None  # frames the stream yielded (schema v3)
+    partial: bool | None = None  # fewer frames decoded than the header promised (schema v3)
 
 
 @dataclass

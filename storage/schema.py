@@ -24,7 +24,9 @@ import pyarrow as pa
 # 2: failures.content_sha256 (which content a failure was about; '' when unknown). A v1 store is
 #    upgraded in place by a writer (FeatureStore(create=True): one add-column commit, old rows
 #    read as NULL); readers of a v1 store see the column as NULL.
-SCHEMA_VERSION = 2
+# 3: videos.frame_count and videos.partial (a video decoded from fewer frames than its header
+#    promised); runs.stats (JSON: per-layer embedding norm statistics). Upgraded the same way.
+SCHEMA_VERSION = 3
 
 TS = pa.timestamp("us", tz="UTC")
 EMBEDDING = pa.list_(pa.float32())
@@ -57,10 +59,15 @@ VIDEOS = TableSpec(
         ("height", pa.int32()),
         ("first_seen", TS),
         ("last_seen", TS),
+        # v3. Frames the stream yielded (the header's count unless it decoded fewer), and whether
+        # it decoded fewer than the header promised (a damaged or truncated file).
+        ("frame_count", pa.int64()),
+        ("partial", pa.bool_()),
     ]),
     key=("video_id", "content_sha256"),
     keep_on_update=("first_seen",),
     doc="One row per (video, content version) seen by a run.",
+    added_columns=(("frame_count", 3), ("partial", 3)),
 )
 
 EXTRACTORS = TableSpec(
@@ -149,10 +156,12 @@ RUNS = TableSpec(
         ("params", pa.string()),  # JSON: the effective config of the run
         ("snapshot", pa.string()),  # JSON {table: version} at finish_run
         ("message", pa.string()),
+        ("stats", pa.string()),  # v3. JSON, e.g. {"norms": {layer: {count, mean, std, min, max}}}
     ]),
     key=("run_id",),
     keep_on_update=("started",),
     doc="One row per flow run.",
+    added_columns=(("stats", 3),),
 )
 
 SNAPSHOTS = TableSpec(

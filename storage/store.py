@@ -218,15 +218,17 @@ class FeatureStore(DeltaTables):
         return run_id
 
     def finish_run(self, run_id: str, status: str = "completed", counts: Mapping[str, int] | None = None,
-                   message: str = "") -> dict[str, int]:
-        """Close a run with its status and counts; records and returns the table versions it produced."""
+                   message: str = "", stats: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """Close a run with its status, counts and stats (JSON-able, e.g. per-layer norm statistics);
+        records and returns the table versions it produced."""
         t = self.table("runs").to_pyarrow_table(filters=[("run_id", "=", run_id)]).to_pylist()
         if not t:
             raise ValueError(f"runs: no run with run_id {run_id!r} (call start_run first)")
         row = t[0]
         snap = self.snapshot()
         row.update(finished=utcnow(), status=status, counts=dict(counts or {}),
-                   snapshot=json.dumps(snap, sort_keys=True), message=message)
+                   snapshot=json.dumps(snap, sort_keys=True), message=message,
+                   stats=json.dumps(dict(stats), sort_keys=True, default=str) if stats else None)
         self.upsert(ALL_TABLES["runs"], [row])
         return snap
 

@@ -15,6 +15,10 @@ Policies:
 Every policy returns at least 2 frames (a Qwen-VL temporal patch spans 2 frames; a one-frame
 video repeats its frame).
 
+A video of which fewer frames decode than its header promises (a damaged or cut stream) is kept
+with `meta.partial` set and counted on what decoded (frames, duration), or refused with
+PartialVideo when allow_partial is False.
+
 Failures raise a DecodeError subclass carrying `path` and `reason`. They are permanent: the same
 file fails the same way again, so callers should record them rather than retry.
 """
@@ -69,6 +73,10 @@ class TooLong(DecodeError):
 
 class TooLarge(DecodeError):
     """Bigger on disk than max_file_bytes."""
+
+
+class PartialVideo(DecodeError):
+    """Fewer frames decode than the header promises; raised only when partial videos are refused."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +193,7 @@ def _decode_decord(path: str, policy: Policy, max_frames: int, out_w: int, out_h
     indices = frame_indices(policy, total, fps, max_frames)
     frames = reader.get_batch(indices).asnumpy()
     del reader
-    return frames, indices, total, fps
+    return frames, indices, total, fps, False
 
 
 def _decode_pyav(path: str, policy: Policy, max_frames: int, out_w: int, out_h: int, probe: _Probe):
@@ -195,8 +203,8 @@ def _decode_pyav(path: str, policy: Policy, max_frames: int, out_w: int, out_h: 
     k = probe.rotation // 90
     store_w, store_h = (out_h, out_w) if k % 2 else (out_w, out_h)
 
-    def read(indices: list[int]) -> tuple[dict[int, np.ndarray], int]:
-        wanted, got, count = set(indices), {}, 0
+    def read(indices: list[int]) -> tuple[dict[int, np.ndarray], int, bool]:
+        wanted, got, count, damaged = set(indices), {}, 0, False
         stop = max(indices) if probe.total_frames else None  # trust the header: stop early
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -212,23 +220,32 @@ def _decode_pyav(path: str, policy: Policy, max_frames: int, out_w: int, out_h: 
             except av.error.FFmpegError as e:
                 if not got:
                     raise Unreadable(path, f"decoding failed ({_short(e)})") from None
-                # a damaged tail: keep the frames before it
-        return got, count
+                damaged = True  # a damaged tail: keep the frames before it
+        return got, count, damaged
 
     total = probe.total_frames or max(1, round(probe.duration_s * probe.fps))
     indices = frame_indices(policy, total, probe.fps or 1.0, max_frames)
-    got, count = read(indices)
+    got, count, damaged = read(indices)
     if count == 0:
         raise ZeroFrames(path, "the video stream has no decodable frames")
     if any(i not in got for i in indices):  # the header over-counted: plan again on what exists
         total = count if count < total else total
         indices = frame_indices(policy, total, probe.fps or 1.0, max_frames)
         if any(i not in got for i in indices):
-            got, _ = read(indices)
+            got, _, _ = read(indices)
         if any(i not in got for i in indices):
             raise ZeroFrames(path, f"only {len(got)} of the {len(indices)} requested frames decode")
     frames = np.stack([got[i] for i in indices])
-    return np.ascontiguousarray(frames), indices, total, probe.fps
+    return np.ascontiguousarray(frames), indices, total, probe.fps, damaged
+
+
+def _is_partial(found: int, probe: _Probe, damaged: bool) -> bool:
+    """Fewer frames than the header promises: its frame count, else duration x fps (with one frame
+    plus 2% of slack for rounding unless a decode error cut the stream)."""
+    if probe.total_frames:
+        return found < probe.total_frames
+    promised = round(probe.duration_s * probe.fps)
+    return found < promised and (damaged or found < promised - 1 - 0.02 * promised)
 
 
 def decode(
@@ -240,10 +257,13 @@ def decode(
     max_file_bytes: int = 2 * 1024**3,
     video_id: str | None = None,
     backend: str = "auto",
+    allow_partial: bool = True,
 ) -> VideoInput:
     """Frames (uint8 T,H,W,3, upright, each <= max_pixels) and metadata for one video file.
 
     backend: auto (decord, PyAV where decord fails) | decord | pyav.
+    allow_partial: keep a video of which fewer frames decode than its header promises (flagged
+    `meta.partial`, counted on what decoded); False raises PartialVideo instead.
     Raises ValueError for bad parameters and a DecodeError subclass for a bad file.
     """
     plan = parse_policy(policy)
@@ -283,7 +303,12 @@ def decode(
     if result is None:
         used = "pyav"
         result = _decode_pyav(path, plan, max_frames, out_w, out_h, probe)
-    frames, indices, total, fps = result
+    frames, indices, total, fps, damaged = result
+    partial = _is_partial(total, probe, damaged)
+    if partial and not allow_partial:
+        promised = probe.total_frames or round(probe.duration_s * probe.fps)
+        raise PartialVideo(path, f"only {total} of the {promised} frames the header promises decode "
+                                 "(partial videos refused: extract.partial = \"fail\")")
     if fps <= 0:
         fps = probe.fps or 1.0
     meta = VideoMeta(
@@ -293,10 +318,11 @@ def decode(
         frames_indices=[int(i) for i in indices],
         width=out_w,
         height=out_h,
-        duration_s=probe.duration_s or total / fps,
+        duration_s=total / fps if partial else probe.duration_s or total / fps,
         backend=used,
         source_width=upright_w,
         source_height=upright_h,
         rotation=probe.rotation,
+        partial=partial,
     )
     return VideoInput(video_id=video_id or Path(path).stem, frames=frames, meta=meta)

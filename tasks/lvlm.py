@@ -38,6 +38,9 @@ class VideoMeta:
     source_width: int = 0
     source_height: int = 0
     rotation: int = 0
+    # Fewer frames decoded than the header promised (a damaged or cut stream); total_num_frames
+    # and duration_s then count only the frames that decoded.
+    partial: bool = False
 
 
 @dataclass

@@ -76,3 +76,17 @@ def write_corrupt_files(directory: str | Path, first_id: int | None = None) -> l
     for leftover in (scratch / "videos", scratch):
         leftover.rmdir()
     return paths
+
+
+def damage_after(good: Path, out: Path, first_bad: int) -> Path:
+    """A copy of an H.264 `good` clip whose packets from `first_bad` on (decode order) carry
+    invalid NAL units, like decord's own corrupted.mp4: the header still promises every frame."""
+    with av.open(str(good)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    data = bytearray(good.read_bytes())
+    rng = np.random.default_rng(0)
+    for pos, size in packets[first_bad:]:
+        data[pos:pos + 4] = b"\xff\xff\xff\xff"  # an impossible NAL length
+        data[pos + 4:pos + size] = rng.integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    out.write_bytes(bytes(data))
+    return out
