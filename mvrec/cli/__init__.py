@@ -22,6 +22,8 @@ from mvrec.cli.common import app, err_console
 from mvrec.cli import data as _data  # noqa: F401,E402  demo-data, build-test-model, config
 from mvrec.cli import extract as _extract  # noqa: F401,E402  extract
 from mvrec.cli import store as _store  # noqa: F401,E402  query, store
+from mvrec.cli import diff as _diff  # noqa: F401,E402  store diff
+from mvrec.cli import status as _status  # noqa: F401,E402  status
 from mvrec.cli import flows as _flows  # noqa: F401,E402  refresh, serve, rerun-failed, demo
 from mvrec.cli import recsys as _recsys  # noqa: F401,E402  train, study, recommend
 
