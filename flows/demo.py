@@ -89,6 +89,6 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
         metrics.add_row(name, *(f"{values[c]:.4f}" if c in values else "-" for c in columns))
     console.print(metrics)
     console.print("Features came from a random-weight TEST MODEL, so DFF vs ID here says nothing about LVLMs; "
-                  "run the paper's grid with `mvrec study` (see README).")
+                  "run the paper's grid with `mvrec study` (see docs/recommender.md).")
     console.print('Next: mvrec query "SELECT layer, count(*) FROM hidden_states GROUP BY layer"')
     return {"timings": timings, "refresh": result}

@@ -7,7 +7,7 @@ does not see new commits. Two kinds of view:
 - the embedding tables (hidden_states, captions) of a local store: DuckDB's own Parquet reader
   over exactly the pinned version's data files, taken from the Delta log (`read_parquet([...])`
   with the Delta partition columns as hive partitions, so `extractor_id`/`layer` filters prune
-  files). Measured 3x faster than an Arrow scan on 100k x 1536 (README, bench/store.py);
+  files). Measured 3x faster than an Arrow scan on 100k x 1536 (bench/store.py);
 - everything else (small tables, object stores, tables with deletion vectors or column mapping):
   `DeltaTable.to_pyarrow_dataset()`, which works on S3 through Delta Lake's object store without
   DuckDB's httpfs.

@@ -1,7 +1,7 @@
 """The feature store's tables: one place for their Arrow schemas, keys, partitions and version.
 
 Every table is a Delta Lake table under `<store>/<name>/`. Changing a schema means bumping
-SCHEMA_VERSION and documenting the change in README (section "Feature store and SQL schema").
+SCHEMA_VERSION and documenting the change in docs/store.md (section "SQL schema").
 
 Embeddings are `list<float32>` (Delta `array<float>`), not `fixed_size_list`: Delta Lake has no
 fixed-size array type, so a fixed_size_list would come back as a plain list anyway, and the

@@ -163,11 +163,9 @@ def _service_commands() -> dict[str, list[str]]:
 
 
 def _readme_docker_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    marker = "<!-- section: docker -->"
-    assert marker in text, "README.md lost its docker section marker"
-    body = text.split(marker, 1)[1]
-    return body.split("\n## ", 1)[0]
+    """The deployment guide (docs/deploy.md) up to its first subsection."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    return text.split("\n## ", 1)[0]
 
 
 def _readme_shell_lines() -> list[str]:

@@ -135,7 +135,7 @@ def serve(
     cfg = get_config()
     if not os.environ.get("PREFECT_API_URL"):
         raise ValueError("serve: schedules need a Prefect server; start one (`prefect server start`) and set "
-                         "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api (see README, Flows)")
+                         "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api (see docs/flows.md)")
     from prefect.client.schemas.schedules import CronSchedule
 
     cron = cron or cfg.refresh.cron

@@ -6,7 +6,7 @@ weights. `build_test_model(dir)` writes a directory that loads with
 `AutoProcessor.from_pretrained(dir)` and `AutoModelForImageTextToText.from_pretrained(dir)`
 under HF_HUB_OFFLINE=1, is under 5 MB and builds in well under 2 s.
 
-The recipe (see /work/shared/ENVIRONMENT.md):
+The recipe:
 - a byte-level BPE tokenizer (vocab 2048) trained here on generated text, plus the Qwen special
   tokens and the Qwen2-VL chat template;
 - the processor with min_pixels=56*56 and max_pixels=224*224 per frame (without min_pixels a
