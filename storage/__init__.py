@@ -12,7 +12,7 @@ nothing from tasks/, flows/ or recommender/.
 
 Layout: schema.py (every table's schema, keys, version), records.py (row and record types),
 arrow.py (rows <-> Arrow), delta.py (Delta table mechanics), store.py (the FeatureStore API),
-query.py (read-only SQL).
+query.py (read-only SQL), export.py (results to CSV, JSON, Parquet).
 """
 
 from storage.schema import ALL_TABLES, DATA_TABLES, EXTRACT_FILE, SCHEMA_VERSION, TableSpec
@@ -31,12 +31,12 @@ from storage.records import (
 )
 from storage.delta import StoreNotWritableError
 from storage.store import FeatureStore, open_store
-from storage.query import ReadOnlyConnection, ReadOnlyError, check_read_only, connect, top_k_similar
+from storage.query import QueryError, ReadOnlyConnection, ReadOnlyError, check_read_only, connect, top_k_similar
 
 __all__ = [
     "ALL_TABLES", "DATA_TABLES", "EXTRACT_FILE", "SCHEMA_VERSION", "TableSpec", "FINAL_LAYER", "AsOf",
     "CaptionRow", "ExtractionBatch", "ExtractorRecord", "FailureRow", "FeatureMatrix",
     "FeatureStore", "HiddenStateRow", "MissingItemsError", "StoreNotWritableError", "VideoRow",
-    "extractor_id", "open_store", "ReadOnlyConnection", "ReadOnlyError", "check_read_only", "connect",
+    "extractor_id", "open_store", "QueryError", "ReadOnlyConnection", "ReadOnlyError", "check_read_only", "connect",
     "top_k_similar",
 ]

@@ -31,8 +31,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -55,8 +59,56 @@ _EXPLAIN = re.compile(r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*explain\b\s*(?
                       re.IGNORECASE | re.DOTALL)
 
 
-class ReadOnlyError(ValueError):
-    """A statement that is not read-only; it was not executed."""
+# Functions that show the connection's settings (file paths, the secrets and temp directories),
+# secrets, extensions and logs, or run SQL text that the checks above never saw.
+REFUSED_FUNCTIONS = frozenset({
+    "duckdb_settings", "current_setting", "duckdb_secrets", "which_secret", "duckdb_secret_types",
+    "duckdb_secret_type_parameters", "duckdb_extensions", "duckdb_extension_repositories",
+    "duckdb_databases", "duckdb_temporary_files", "duckdb_external_file_cache", "duckdb_external_resources",
+    "duckdb_logs", "duckdb_logs_parsed", "duckdb_log_contexts", "duckdb_views", "duckdb_memory",
+    "pragma_database_size", "pragma_storage_info", "pragma_metadata_info", "pragma_user_agent",
+    "enable_logging", "checkpoint", "force_checkpoint", "query", "query_table", "json_execute_serialized_sql",
+})
+
+
+class QueryError(ValueError):
+    """A statement that DuckDB could not run (unknown column, type error, ...): one line."""
+
+
+class ReadOnlyError(QueryError):
+    """A statement, function or file access that is not allowed here; it was not executed."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """DuckDB's errors as QueryError (ReadOnlyError for refused file or network access)."""
+    try:
+        yield
+    except duckdb.Error as e:
+        msg = _first_line(e)
+        if isinstance(e, duckdb.PermissionException):
+            raise ReadOnlyError(f"refused: {msg} (only the store's own files can be read here)") from None
+        raise QueryError(msg) from None
+
+
+def _refused_functions(sql: str) -> list[str]:
+    """Names in REFUSED_FUNCTIONS called anywhere in `sql` (quoted or not, any case, any schema,
+    comments between the name and its parenthesis)."""
+    tokens = [(p, k) for p, k in duckdb.tokenize(sql)]
+    ends = [p for p, _ in tokens[1:]] + [len(sql)]
+    words = [(sql[p:e].strip(), k) for (p, k), e in zip(tokens, ends) if k != duckdb.token_type.comment]
+    found = []
+    for (text, kind), (after, _) in zip(words, words[1:]):
+        name = text.strip('"').replace('""', '"').lower()
+        if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and after.startswith("(") \
+                and name in REFUSED_FUNCTIONS and name not in found:
+            found.append(name)
+    return found
 
 
 def check_read_only(sql: str) -> None:
@@ -70,6 +122,10 @@ def check_read_only(sql: str) -> None:
     if len(statements) != 1:
         raise ReadOnlyError(f"refused: {len(statements)} statements; run exactly one read-only "
                             f"statement ({ALLOWED})")
+    refused = _refused_functions(sql)
+    if refused:
+        raise ReadOnlyError(f"refused: {', '.join(f'{n}()' for n in refused)} not allowed here "
+                            "(it shows settings, paths or secrets, or runs SQL text)")
     st = statements[0]
     kind = st.type
     if kind == duckdb.StatementType.EXPLAIN:
@@ -97,19 +153,42 @@ class Result:
         self.description = cursor.description
 
     def fetchone(self) -> tuple | None:
-        return self._cur.fetchone()
+        with _one_line_errors():
+            return self._cur.fetchone()
 
     def fetchall(self) -> list[tuple]:
-        return self._cur.fetchall()
+        with _one_line_errors():
+            return self._cur.fetchall()
 
     def fetchmany(self, size: int = 1) -> list[tuple]:
-        return self._cur.fetchmany(size)
+        with _one_line_errors():
+            return self._cur.fetchmany(size)
 
     def arrow(self) -> pa.Table:
-        return self._cur.to_arrow_table()
+        with _one_line_errors():
+            return self._cur.to_arrow_table()
 
     def df(self):
-        return self._cur.df()
+        with _one_line_errors():
+            return self._cur.df()
+
+
+class Batches:
+    """A result streamed as Arrow record batches of at most `rows` rows: memory stays bounded
+    by a batch however large the result (iterate once; `schema` is known before the first)."""
+
+    def __init__(self, reader: pa.RecordBatchReader):
+        self._reader = reader
+        self.schema = reader.schema
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._reader
+        except (pa.ArrowException, OSError) as e:  # a DuckDB error raised while streaming
+            raise QueryError(_first_line(e)) from None
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def _sql_str(v: str) -> str:
@@ -130,7 +209,11 @@ class ReadOnlyConnection:
         self.topk_cache_bytes = int(topk_cache_bytes)
         self._topk: OrderedDict[tuple[str, int], tuple[str, int, int]] = OrderedDict()
         self._topk_seq = 0
-        self._con = duckdb.connect(":memory:")
+        # A private, empty spill directory (DuckDB's default is <cwd>/.tmp, and whatever directory
+        # it spills to can be read by queries): made here 0700, removed on close.
+        self.temp_dir = tempfile.mkdtemp(prefix="mvrec-duckdb-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.temp_dir, True)
+        self._con = duckdb.connect(":memory:", config={"temp_directory": self.temp_dir})
         if isinstance(as_of, int):
             raise ValueError("connect(as_of=int): a bare version is ambiguous across tables; "
                              "use a tag name or a {table: version} mapping")
@@ -199,18 +282,28 @@ class ReadOnlyConnection:
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run one read-only statement; returns a relation (.fetchall(), .arrow(), .df(), .columns)."""
         check_read_only(query)
-        return self._con.sql(query, params=params)
+        with _one_line_errors():
+            return self._con.sql(query, params=params)
 
     def execute(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> "Result":
         """Run one read-only statement; returns a cursor-like Result (fetchone/fetchall/arrow/df)."""
         check_read_only(query)
         # Not a cursor(): registered views live in this connection only.
-        return Result(self._con.execute(query, params))
+        with _one_line_errors():
+            return Result(self._con.execute(query, params))
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
         rel = self.sql(query, params)
-        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        with _one_line_errors():
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+    def batches(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None,
+                rows: int = 8192) -> Batches:
+        """Run one read-only statement and stream its result (see Batches)."""
+        check_read_only(query)
+        with _one_line_errors():
+            return Batches(self._con.sql(query, params=params).to_arrow_reader(rows))
 
     def views(self) -> dict[str, list[tuple[str, str]]]:
         """{view: [(column, DuckDB type), ...]} for every store table."""
@@ -321,6 +414,7 @@ class ReadOnlyConnection:
     def close(self) -> None:
         self._topk.clear()
         self._con.close()
+        self._cleanup()
 
     def __enter__(self) -> "ReadOnlyConnection":
         return self

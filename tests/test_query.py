@@ -295,3 +295,113 @@ def test_failures_view_has_content_sha256(store):
     with connect(store) as con:
         assert con.execute("SELECT video_id, content_sha256 FROM failures").fetchall() == [("v1", "abc")]
         assert dict(con.views()["failures"])["content_sha256"] == "VARCHAR"
+
+
+# --- issue 16: private temp directory, refused metadata functions, one-line errors, row cap -----
+
+def test_spill_directory_is_private_and_not_the_working_directory(store, tmp_path, monkeypatch):
+    # DuckDB's default temp directory is <cwd>/.tmp, and DuckDB lets queries read its temp directory.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "secret.csv").write_text("a\n1\n")
+    with connect(store) as con:
+        for sql in (f"SELECT * FROM read_csv('{tmp_path}/.tmp/secret.csv')",
+                    f"SELECT * FROM read_text('{tmp_path}/.tmp/secret.csv')",
+                    f"SELECT * FROM glob('{tmp_path}/.tmp/*')",
+                    "SELECT * FROM read_csv('.tmp/secret.csv')"):
+            with pytest.raises(ReadOnlyError, match="refused: Permission"):
+                con.sql(sql).fetchall()
+        temp = con.temp_dir
+        assert not os.path.realpath(temp).startswith(os.path.realpath(tmp_path))
+        assert os.stat(temp).st_mode & 0o777 == 0o700 and os.listdir(temp) == []
+    assert not os.path.exists(temp)  # removed with the connection
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM duckdb_settings()",
+    "SELECT name, value FROM \"DuckDB_Settings\"() WHERE value LIKE '%/%'",
+    "SELECT current_setting('temp_directory')",
+    "SELECT 'x'.current_setting()",
+    "SELECT * FROM main.duckdb_secrets /* a comment */ ()",
+    "SELECT * FROM which_secret('s3://b/k', 's3')",
+    "SELECT * FROM duckdb_extensions()",
+    "SELECT * FROM duckdb_databases()",
+    "SELECT * FROM duckdb_temporary_files()",
+    "SELECT * FROM query('SELECT * FROM duckdb_settings()')",
+    "EXPLAIN SELECT * FROM duckdb_settings()",
+    "SUMMARIZE SELECT * FROM duckdb_settings()",
+])
+def test_metadata_functions_that_show_paths_or_secrets_are_refused(store, sql):
+    with pytest.raises(ReadOnlyError, match=r"refused: .*\(\) not allowed"):
+        check_read_only(sql)
+    with connect(store) as con, pytest.raises(ReadOnlyError, match="refused"):
+        con.sql(sql).fetchall()
+
+
+def test_a_column_named_like_a_refused_function_is_fine(store):
+    with connect(store) as con:
+        assert con.execute('SELECT 1 AS "query", 2 AS checkpoint').fetchall() == [(1, 2)]
+        assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM glob('/etc/*')",
+    "SELECT * FROM read_csv('https://example.com/x.csv')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM read_parquet('s3://bucket/x.parquet')",
+])
+def test_cli_refused_file_access_is_one_line_exit_2(store, capsys, sql):
+    code, out, err = _mvrec(["query", sql], store, capsys)
+    assert code == 2 and err.startswith("error: refused: Permission Error") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("sql, msg", [
+    ("SELECT nope FROM videos", "Binder Error"),
+    ("SELECT error('boom') FROM range(3)", "boom"),
+    ("SELECT * FROM no_such_table", "Catalog Error"),
+])
+def test_cli_query_errors_are_one_line_exit_2(store, capsys, sql, msg):
+    code, _, err = _mvrec(["query", sql, "-f", "csv"], store, capsys)
+    assert code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_cli_terminal_output_is_capped_and_files_get_every_row(store, tmp_path, capsys):
+    sql = "SELECT range AS i FROM range(2500)"
+    code, out, err = _mvrec(["query", sql, "-f", "csv"], store, capsys)
+    assert code == 0 and out.splitlines() == ["i"] + [str(i) for i in range(1000)]
+    assert "cut at 1000 rows" in err
+    code, out, err = _mvrec(["query", sql, "-f", "json", "--max-rows", "7"], store, capsys)
+    assert code == 0 and json.loads(out) == [{"i": i} for i in range(7)] and "cut at 7 rows" in err
+    code, out, err = _mvrec(["query", sql, "--max-rows", "3"], store, capsys)
+    assert code == 0 and "3 row(s)" in out and "cut at 3 rows" in err
+    code, out, err = _mvrec(["query", sql, "-f", "csv", "--max-rows", "0"], store, capsys)
+    assert code == 0 and len(out.splitlines()) == 2501 and "cut" not in err
+    code, out, err = _mvrec(["query", "SELECT range AS i FROM range(1000)", "-f", "csv"], store, capsys)
+    assert code == 0 and len(out.splitlines()) == 1001 and "cut" not in err  # exactly the cap: nothing cut
+    for fmt in ("csv", "json", "parquet"):
+        f = tmp_path / f"all.{fmt}"
+        code, out, _ = _mvrec(["query", sql, "-f", fmt, "-o", str(f)], store, capsys)
+        assert code == 0 and "wrote 2500 rows" in out
+        if fmt == "csv":
+            got = [int(r[0]) for r in list(csv.reader(f.read_text().splitlines()))[1:]]
+        elif fmt == "json":
+            got = [r["i"] for r in json.loads(f.read_text())]
+        else:
+            got = pq.read_table(f).column("i").to_pylist()
+        assert got == list(range(2500))
+
+
+def test_cli_export_that_fails_part_way_leaves_the_old_file(store, tmp_path, capsys):
+    f = tmp_path / "out.csv"
+    f.write_text("old\n")
+    # Fails at run time, after DuckDB has produced many batches.
+    sql = "SELECT CASE WHEN range < 200000 THEN range ELSE error('late failure') END AS i FROM range(400000)"
+    code, _, err = _mvrec(["query", sql, "-f", "csv", "-o", str(f)], store, capsys)
+    assert code == 2 and "late failure" in err and err.count("\n") == 1
+    assert f.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "store"]
+
+
+def test_cli_table_output_escapes_markup(store, capsys):
+    code, out, _ = _mvrec(["query", "SELECT '[/tmp/x]' AS p, '[bold]b' AS q"], store, capsys)
+    assert code == 0 and "[/tmp/x]" in out and "[bold]b" in out

@@ -10,13 +10,13 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mvrec.cli.common import app, console, get_config
+from mvrec.cli.common import app, console, err_console, get_config
 
 store_app = typer.Typer(help="Feature store maintenance: compaction, snapshots (tags), versions.",
                         no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "parquet")  # table: terminal only
 
 
 def _open(create: bool = False):
@@ -39,28 +39,18 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        # DuckDB maps come back as a list of (key, value) pairs in Arrow
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
 @app.command("query")
 def query_cmd(
     sql: Optional[str] = typer.Argument(None, help="One read-only SQL statement (SELECT / WITH / EXPLAIN / DESCRIBE)."),
     schema: bool = typer.Option(False, "--schema", help="List the views and their columns instead."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file (needed for parquet)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every row to this file, streamed (needed for parquet)."),
     as_of: Optional[str] = typer.Option(None, "--as-of", help="Read a named snapshot (tag) instead of the latest."),
-    max_rows: int = typer.Option(100, "--max-rows", help="Rows shown by --format table."),
+    max_rows: int = typer.Option(1000, "--max-rows", min=0, help="Rows printed to the terminal (0: all); -o files get every row."),
 ) -> None:
     """Run read-only SQL over the feature store (DuckDB). Writes and outside access are refused."""
     from storage import check_read_only, connect
+    from storage.export import head, write_file, write_text
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -68,6 +58,8 @@ def query_cmd(
         raise ValueError("query: give one SQL statement, or --schema to list the views")
     if fmt == "parquet" and out is None:
         raise ValueError("--format parquet needs --out FILE")
+    if fmt == "table" and out is not None:
+        raise ValueError("--out needs --format csv, json or parquet")
     if not schema:
         check_read_only(sql)  # refused before the store is even opened
     cfg = get_config().store
@@ -75,8 +67,20 @@ def query_cmd(
         if schema:
             _print_schema(con)
             return
-        result = con.arrow(sql)
-    _emit(result, fmt, out, max_rows)
+        rows = con.batches(sql)
+        if out is not None:
+            n = write_file(rows, rows.schema, fmt, out)
+            console.print(f"wrote {n} rows to {out}")
+            return
+        if fmt == "table":
+            result, cut = head(rows, rows.schema, max_rows)
+            _print_table(result)
+        else:
+            _, cut = write_text(rows, rows.schema, fmt, sys.stdout, max_rows)
+            sys.stdout.flush()
+    if cut:
+        err_console.print(f"note: output cut at {max_rows} rows (--max-rows); -o FILE writes every row",
+                          markup=False, highlight=False)
 
 
 def _print_schema(con) -> None:
@@ -97,62 +101,18 @@ def _print_schema(con) -> None:
         console.print(t)
 
 
-def _records(result) -> list[dict[str, Any]]:
-    """Arrow rows as dicts; MAP columns (Arrow gives (key, value) pairs) become dicts."""
-    import pyarrow as pa
+def _print_table(result) -> None:
+    from rich.markup import escape
 
-    maps = {f.name for f in result.schema if pa.types.is_map(f.type)}
-    rows = result.to_pylist()
-    for r in rows:
-        for m in maps:
-            if r[m] is not None:
-                r[m] = dict(r[m])
-    return rows
+    from storage.export import records
 
-
-def _emit(result, fmt: str, out: Optional[Path], max_rows: int) -> None:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(result, out)
-        console.print(f"wrote {result.num_rows} rows to {out}")
-        return
-    if fmt == "json":
-        rows = [_jsonable(r) for r in _records(result)]
-        text = json.dumps(rows, indent=1, default=str) + "\n"
-        _write_text(text, out, result.num_rows)
-        return
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(result.column_names)
-        for r in _records(result):
-            w.writerow([json.dumps(_jsonable(v)) if isinstance(v, (list, dict)) else ("" if v is None else v)
-                        for v in r.values()])
-        _write_text(buf.getvalue(), out, result.num_rows)
-        return
     t = Table(show_header=True, header_style="bold")
     for name, ty in zip(result.column_names, result.schema.types):
-        t.add_column(f"{name}\n[dim]{ty}[/]", overflow="fold")
-    shown = result.slice(0, max_rows) if result.num_rows > max_rows else result
-    for r in shown.to_pylist():
-        t.add_row(*(_cell(v) for v in r.values()))
+        t.add_column(f"{escape(name)}\n[dim]{escape(str(ty))}[/]", overflow="fold")
+    for r in records(result):
+        t.add_row(*(escape(_cell(v)) for v in r.values()))
     console.print(t)
-    more = result.num_rows - shown.num_rows
-    console.print(f"[dim]{result.num_rows} row(s)" + (f", {more} not shown (--max-rows)" if more else "") + "[/]")
-    if out is not None:
-        raise ValueError("--out needs --format csv, json or parquet")
-
-
-def _write_text(text: str, out: Optional[Path], n: int) -> None:
-    if out is None:
-        sys.stdout.write(text)
-        return
-    out.write_text(text)
-    console.print(f"wrote {n} rows to {out}")
+    console.print(f"[dim]{result.num_rows} row(s)[/]")
 
 
 @store_app.command("compact")
