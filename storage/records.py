@@ -104,6 +104,7 @@ class FailureRow:
     run_id: str = ""
     at: datetime | None = None  # default: now
     content_sha256: str = ""  # the content that failed (schema v2); '' when unknown
+    permanent: bool = False  # the same input fails the same way again: skipped until it changes (v3)
 
 
 @dataclass

@@ -25,7 +25,8 @@ import pyarrow as pa
 #    upgraded in place by a writer (FeatureStore(create=True): one add-column commit, old rows
 #    read as NULL); readers of a v1 store see the column as NULL.
 # 3: videos.frame_count and videos.partial (a video decoded from fewer frames than its header
-#    promised); runs.stats (JSON: per-layer embedding norm statistics). Upgraded the same way.
+#    promised); runs.stats (JSON: per-layer embedding norm statistics); failures.permanent.
+#    Upgraded the same way.
 SCHEMA_VERSION = 3
 
 TS = pa.timestamp("us", tz="UTC")
@@ -136,11 +137,14 @@ FAILURES = TableSpec(
         # replaced file has a new sha, so the flow can retry it. Last, because Delta appends an
         # added column: a v1 table upgraded in place has the same column order as a new one.
         ("content_sha256", pa.string()),
+        # v3. The same input fails the same way again (e.g. a corrupt file): later runs skip it
+        # until its content changes. NULL in older rows: tried once more.
+        ("permanent", pa.bool_()),
     ]),
     key=("video_id", "extractor_id", "stage"),
     doc="Open failures; cleared when the video later succeeds.",
     # Added after v1, with the schema version that added them (see DeltaTables.ensure).
-    added_columns=(("content_sha256", 2),),
+    added_columns=(("content_sha256", 2), ("permanent", 3)),
 )
 
 RUNS = TableSpec(

@@ -182,7 +182,8 @@ class FeatureStore(DeltaTables):
     def record_failures(self, rows: Iterable[Any] | pa.Table) -> int:
         """Upsert open failures by (video_id, extractor_id, stage); `attempts` add up over calls."""
         return self.upsert(ALL_TABLES["failures"], rows,
-                            defaults={"at": utcnow(), "attempts": 1, "extractor_id": "", "content_sha256": ""},
+                            defaults={"at": utcnow(), "attempts": 1, "extractor_id": "", "content_sha256": "",
+                                      "permanent": False},
                             combine=_add_attempts)
 
     def clear_failures(self, keys: Iterable[tuple[str, str]]) -> int:
