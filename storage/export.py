@@ -1,20 +1,22 @@
 """Query results as CSV, JSON or Parquet, written batch by batch: memory stays bounded by one
 batch (one Parquet row group) however many rows a result has.
 
-CSV and JSON cells: lists and maps as JSON text (maps as objects), NULL as an empty CSV cell or
-JSON null, anything else JSON cannot hold (timestamps, decimals) as its text. JSON is one array
-with one row object per line.
+CSV is written by Arrow's CSV writer (strings quoted, NULL as an empty cell, booleans
+as true/false); list, map and struct cells as JSON text (maps as objects). JSON is one array with
+one row object per line; values JSON cannot hold (timestamps, decimals) as their text.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 FORMATS = ("csv", "json", "parquet")
@@ -43,6 +45,21 @@ def records(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
+def _csv_ready(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Nested columns (and other types Arrow's CSV writer cannot write) as text."""
+    cols = []
+    for col, f in zip(batch.columns, batch.schema):
+        t = f.type
+        if pa.types.is_nested(t):
+            col = pa.array([None if v is None else json.dumps(jsonable(dict(v) if pa.types.is_map(t) else v))
+                            for v in col.to_pylist()], pa.string())
+        elif not (pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+                  or pa.types.is_decimal(t)) or pa.types.is_interval(t) or pa.types.is_duration(t):
+            col = pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+
+
 class Capped:
     """The batches up to `max_rows` rows in all (None or 0: all); reading stops there, and
     `cut` says afterwards whether rows were left out."""
@@ -68,19 +85,21 @@ def write_text(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str, o
     Returns (rows written, whether rows were cut)."""
     n, rows = 0, Capped(batches, max_rows)
     if fmt == "csv":
-        w = csv.writer(out)
-        w.writerow(schema.names)
+        csv.writer(out, lineterminator="\n").writerow(schema.names)
+        options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
     elif fmt == "json":
         out.write("[")
     else:
         raise ValueError(f"--format: {fmt!r} is not a text format (csv, json)")
     for b in rows:
+        if fmt == "csv":
+            buf = io.BytesIO()
+            pacsv.write_csv(_csv_ready(b), buf, options)
+            out.write(buf.getvalue().decode())
+            n += b.num_rows
+            continue
         for r in records(b):
-            if fmt == "csv":
-                w.writerow([json.dumps(jsonable(v)) if isinstance(v, (list, dict)) else ("" if v is None else v)
-                            for v in r.values()])
-            else:
-                out.write(("\n" if n == 0 else ",\n") + json.dumps(jsonable(r)))
+            out.write(("\n" if n == 0 else ",\n") + json.dumps(jsonable(r)))
             n += 1
     if fmt == "json":
         out.write("\n]\n")
@@ -106,7 +125,7 @@ def write_file(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str, p
         if fmt == "parquet":
             n = _write_parquet(batches, schema, tmp)
         else:
-            with open(tmp, "w", newline="" if fmt == "csv" else None, encoding="utf-8") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 n, _ = write_text(batches, schema, fmt, f)
         os.replace(tmp, path)
     finally:
