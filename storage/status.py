@@ -4,7 +4,8 @@ extractor's progress and tags, videos whose file changed since extraction, and t
     from storage.status import store_status
     s = store_status(FeatureStore(path, create=False), runs=10)   # a JSON-ready dict
 
-Reads metadata and key columns only (never an embedding), so it stays fast on a large store.
+Reads metadata and key columns only (never an embedding), and loads each table's Delta log once,
+so it stays fast on a large store (bench/status.py).
 """
 
 from __future__ import annotations
@@ -17,19 +18,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from storage.arrow import conform
 from storage.schema import ALL_TABLES
 
-EXAMPLES = 3  # paths listed per failure reason / changed-file reason
+EXAMPLES = 3  # paths listed per failure reason
 
 
 def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat(timespec="seconds") if ts is not None else None
 
 
-def last_runs(store, n: int) -> list[dict[str, Any]]:
+class _Tables:
+    """Every table loaded once at its latest version; small reads straight from their files."""
+
+    def __init__(self, store):
+        self.store = store
+        self.dt: dict[str, DeltaTable] = {name: store.table(name) for name in ALL_TABLES}
+
+    def read(self, name: str, columns: list[str]) -> pa.Table:
+        dt = self.dt[name]
+        have = {f.name for f in dt.schema().fields}  # an older schema: the added columns read as NULL
+        return conform(name, self.store.scan(name, dt, {}, [c for c in columns if c in have])).select(columns)
+
+
+def last_runs(runs: pa.Table, n: int) -> list[dict[str, Any]]:
     """The newest `n` runs: flow, status, counts and duration (None while running)."""
-    rows = store.read("runs").to_pylist()
-    rows.sort(key=lambda r: r["started"], reverse=True)
+    rows = sorted(runs.to_pylist(), key=lambda r: r["started"], reverse=True)
     out = []
     for r in rows[:n]:
         done = r["finished"]
@@ -40,10 +54,10 @@ def last_runs(store, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def failures_by_reason(store) -> list[dict[str, Any]]:
-    """Open failures grouped by (stage, error_type), largest group first, with a few example paths."""
+def failures_by_reason(failures: pa.Table) -> list[dict[str, Any]]:
+    """Open failures grouped by (stage, error_type), largest group first, with a few examples."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for f in store.read("failures", columns=["video_id", "uri", "stage", "error_type", "message"]).to_pylist():
+    for f in failures.to_pylist():
         g = groups.setdefault((f["stage"], f["error_type"]),
                               {"stage": f["stage"], "error_type": f["error_type"], "count": 0, "examples": []})
         g["count"] += 1
@@ -52,59 +66,63 @@ def failures_by_reason(store) -> list[dict[str, Any]]:
     return sorted(groups.values(), key=lambda g: (-g["count"], g["stage"], g["error_type"]))
 
 
-def _extractors_in(store, version: int) -> set[str]:
-    """Extractor ids with rows in hidden_states at `version` (from the log's partition values)."""
-    dt = store.table("hidden_states", version)
-    return {p["extractor_id"] for p in dt.partitions()}
+def _layers_by_extractor(dt: DeltaTable) -> dict[str, list[int]]:
+    """{extractor_id: stored layers} of hidden_states at dt's version (from the log, no data read)."""
+    out: dict[str, set[int]] = {}
+    for p in dt.partitions():
+        out.setdefault(p["extractor_id"], set()).add(int(p["layer"]))
+    return {e: sorted(ls) for e, ls in out.items()}
 
 
-def extractor_progress(store, max_tags: int = 20) -> list[dict[str, Any]]:
-    """Per extractor: videos with every stored layer, partial ones among them, its newest run
-    and the tags (newest first) whose snapshot holds its features."""
-    tags = sorted(store.snapshots(), key=lambda s: s["created"], reverse=True)[:max_tags]
+def extractor_progress(store, t: _Tables, runs: pa.Table, partial: set[tuple[str, str]],
+                       max_tags: int = 20) -> list[dict[str, Any]]:
+    """Per extractor: videos with every stored layer, the `partial` ones among them, its newest
+    run, and the tags (newest first) whose snapshot holds its features."""
+    hs = t.dt["hidden_states"]
+    stored = _layers_by_extractor(hs)
+    snaps = t.read("snapshots", ["name", "created", "versions"]).to_pylist()
     tagged: dict[str, list[str]] = {}
-    for s in tags:
-        v = s["versions"].get("hidden_states")
-        for eid in _extractors_in(store, v) if v is not None else ():
-            tagged.setdefault(eid, []).append(s["name"])
-    runs = store.read("runs", columns=["extractor_id", "finished", "status", "run_id"]).to_pylist()
-    partial = partial_videos(store)
+    for s in sorted(snaps, key=lambda s: s["created"], reverse=True)[:max_tags]:
+        v = dict(s["versions"] or []).get("hidden_states")
+        if v is not None:
+            for eid in _layers_by_extractor(store.table("hidden_states", v)):
+                tagged.setdefault(eid, []).append(s["name"])
+    finished = [r for r in runs.to_pylist() if r["finished"] is not None]
     out = []
-    for e in sorted(store.extractors(), key=lambda e: e["created"]):
+    extractors = t.read("extractors", ["extractor_id", "model", "frame_policy", "dim", "created"]).to_pylist()
+    for e in sorted(extractors, key=lambda e: e["created"]):
         eid = e["extractor_id"]
-        done = store.completed(eid)
-        mine = [r for r in runs if r["extractor_id"] == eid and r["finished"] is not None]
+        layers = stored.get(eid, [])
+        done = store.completed(eid, layers=layers, as_of=hs.version()) if layers else set()
+        mine = [r for r in finished if r["extractor_id"] == eid]
         last = max(mine, key=lambda r: r["finished"]) if mine else None
         out.append({"extractor_id": eid, "model": e["model"], "frame_policy": e["frame_policy"],
-                    "dim": e["dim"], "layers": store.layers(eid), "videos_done": len(done),
-                    "partial": len(done & partial),
+                    "dim": e["dim"], "layers": layers, "videos_done": len(done), "partial": len(done & partial),
                     "last_run": {"run_id": last["run_id"], "status": last["status"],
                                  "finished": _iso(last["finished"])} if last else None,
                     "newest_tag": (tagged.get(eid) or [None])[0], "tags": tagged.get(eid, [])})
     return out
 
 
-def partial_videos(store) -> set[tuple[str, str]]:
+def partial_videos(videos: pa.Table) -> set[tuple[str, str]]:
     """(video_id, content_sha256) of videos decoded from fewer frames than their header promised."""
-    t = store.read("videos", columns=["video_id", "content_sha256", "partial"])
-    t = t.filter(pc.fill_null(t.column("partial"), False))
+    t = videos.filter(pc.fill_null(videos.column("partial"), False))
     return set(zip(t.column("video_id").to_pylist(), t.column("content_sha256").to_pylist()))
 
 
-def latest_videos(store) -> pa.Table:
+def latest_videos(t: pa.Table) -> pa.Table:
     """One row per video_id: its most recently seen content version."""
-    t = store.read("videos", columns=["video_id", "uri", "content_sha256", "bytes", "last_seen"])
     if not t.num_rows:
         return t
     t = t.sort_by([("video_id", "ascending"), ("last_seen", "descending")])
     ids = t.column("video_id").combine_chunks()
     first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-    keep = pa.concat_arrays([pa.array([True]), first])
-    return t.filter(keep)
+    return t.filter(pa.concat_arrays([pa.array([True]), first]))
 
 
-def changed_files(store, hash_file: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
-    """Videos whose local file differs from the content that was extracted.
+def changed_files(videos: pa.Table, hash_file: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """Videos whose local file differs from the content that was extracted (`videos` rows:
+    video_id, uri, content_sha256, bytes, last_seen).
 
     A missing file or another size is a change. A file modified after it was last seen is hashed
     with `hash_file(path) -> sha256 hex` when given (only those files, so the cost follows the
@@ -112,7 +130,7 @@ def changed_files(store, hash_file: Callable[[str], str] | None = None) -> list[
     not checked.
     """
     out = []
-    for r in latest_videos(store).to_pylist():
+    for r in latest_videos(videos).to_pylist():
         uri = r["uri"] or ""
         if "://" in uri and not uri.startswith("file://"):
             continue
@@ -132,12 +150,12 @@ def changed_files(store, hash_file: Callable[[str], str] | None = None) -> list[
     return out
 
 
-def store_size(store) -> dict[str, Any]:
+def store_size(store, dts: dict[str, DeltaTable] | None = None) -> dict[str, Any]:
     """Per table: version, live files, rows and bytes (from the Delta log); plus the bytes on disk
     under the store, old versions and logs included (local stores only)."""
     tables, live = {}, 0
     for name in ALL_TABLES:
-        dt: DeltaTable = store.table(name)
+        dt = dts[name] if dts else store.table(name)
         adds = pa.table(dt.get_add_actions(flatten=True))
         size = int(pc.sum(adds.column("size_bytes")).as_py() or 0) if adds.num_rows else 0
         rows = int(pc.sum(adds.column("num_records")).as_py() or 0) if adds.num_rows else 0
@@ -158,14 +176,18 @@ def store_size(store) -> dict[str, Any]:
 def store_status(store, runs: int = 10, check_files: bool = True,
                  hash_file: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Everything `mvrec status` shows, as a JSON-ready dict."""
-    failures = failures_by_reason(store)
-    changed = changed_files(store, hash_file) if check_files else None
+    t = _Tables(store)
+    videos = t.read("videos", ["video_id", "uri", "content_sha256", "bytes", "last_seen", "partial"])
+    run_rows = t.read("runs", ["run_id", "flow", "extractor_id", "status", "started", "finished", "counts", "message"])
+    partial = partial_videos(videos)
+    failures = failures_by_reason(t.read("failures", ["video_id", "uri", "stage", "error_type", "message"]))
+    changed = changed_files(videos, hash_file) if check_files else None
     return {
         "store": store.root,
-        "runs": last_runs(store, runs),
+        "runs": last_runs(run_rows, runs),
         "failures": {"open": sum(g["count"] for g in failures), "by_reason": failures},
-        "extractors": extractor_progress(store),
-        "partial_videos": len(partial_videos(store)),
+        "extractors": extractor_progress(store, t, run_rows, partial),
+        "partial_videos": len(partial),
         "changed_files": None if changed is None else {"count": len(changed), "videos": changed},
-        "size": store_size(store),
+        "size": store_size(store, t.dt),
     }

@@ -277,11 +277,13 @@ class FeatureStore(DeltaTables):
         want = sorted(set(int(k) for k in layers)) if layers is not None else self.layers(extractor_id, version)
         if not want:
             return set()
-        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("extractor_id", "=", extractor_id)])
-        keys = ds.to_table(columns=["video_id", "content_sha256", "layer"],
-                           filter=pc.field("layer").isin(want))
-        counts = keys.group_by(["video_id", "content_sha256"]).aggregate([("layer", "count_distinct")])
-        done = counts.filter(pc.equal(counts.column("layer_count_distinct"), len(want)))
+        # Per layer partition through scan (local files read directly: 3x faster than a dataset
+        # over hundreds of small commit files); keys are unique within a partition, so a pair
+        # with every layer appears len(want) times.
+        keys = pa.concat_tables([self.scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": k},
+                                           ["video_id", "content_sha256"]) for k in want])
+        counts = keys.group_by(["video_id", "content_sha256"]).aggregate([("video_id", "count")])
+        done = counts.filter(pc.equal(counts.column("video_id_count"), len(want)))
         return set(zip(done.column("video_id").to_pylist(), done.column("content_sha256").to_pylist()))
 
     def _current_sha(self, video_ids: list[str], as_of: AsOf) -> dict[str, str]:
