@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
+import queue
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -255,23 +255,22 @@ def test_concurrent_writers_of_the_same_keys_leave_no_duplicates(store, eid):
 
 
 # --- crash and isolation ------------------------------------------------------------------------
+# Writers run as subprocesses that stop at a named point inside a commit (the test-only pause hook
+# of storage/delta.py); the test acts on events (a marker file, a line printed), never on time.
 
 BLOCK = 3000  # rows per commit in the crash test (about 18 MB of float32 at D = 1536)
+WAIT = 120  # seconds before a missing event fails the test (a hang guard, not a speed check)
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np, pyarrow as pa
     from storage import FeatureStore
     store = FeatureStore(sys.argv[1])
-    start, d = int(sys.argv[2]), 1536
-    for b in range(start, start + 1000):
-        n = int(sys.argv[3])
-        flat = np.random.default_rng(b).random(n * d, dtype=np.float32)
-        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)), pa.array(flat))
-        t = pa.table({"video_id": [f"b{b}-{i}" for i in range(n)], "content_sha256": ["s"] * n,
-                      "extractor_id": ["e"] * n, "layer": pa.array([0] * n, pa.int32()), "embedding": emb})
-        print("begin", b, flush=True)
-        store.upsert_hidden_states(t)
-        print("done", b, flush=True)
+    b, n, d = int(sys.argv[2]), int(sys.argv[3]), 1536
+    flat = np.random.default_rng(b).random(n * d, dtype=np.float32)
+    emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)), pa.array(flat))
+    t = pa.table({"video_id": [f"b{b}-{i}" for i in range(n)], "content_sha256": ["s"] * n,
+                  "extractor_id": ["e"] * n, "layer": pa.array([0] * n, pa.int32()), "embedding": emb})
+    store.upsert_hidden_states(t)
 """)
 
 
@@ -279,78 +278,193 @@ def _rows(path: Path) -> int:
     return FeatureStore(path).table("hidden_states").to_pyarrow_dataset().count_rows()
 
 
-def test_sigkill_during_commit_leaves_the_previous_version(tmp_path):
+def _wait_for(marker: Path, proc: subprocess.Popen) -> None:
+    """Until `marker` exists (the writer paused there); fails if the writer exits first."""
+    deadline = time.monotonic() + WAIT
+    while not marker.exists():
+        assert proc.poll() is None, f"writer exited ({proc.returncode}) before reaching its pause point"
+        assert time.monotonic() < deadline, f"writer did not reach its pause point in {WAIT} s"
+        time.sleep(0.01)
+
+
+def _pause_env(point: str, marker: Path) -> dict[str, str]:
+    return {**os.environ, "MVREC_TEST_PAUSE_AT": point, "MVREC_TEST_PAUSE_FILE": str(marker)}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("point, committed", [("before-write", False), ("mid-write", False),
+                                              ("after-commit", True)])
+def test_sigkill_inside_a_commit_leaves_one_whole_version(tmp_path, point, committed):
     path = tmp_path / "store"
-    FeatureStore(path)
-    rng = random.Random(7)
-    next_block = 0
-    for attempt in range(3):
-        before = _rows(path)
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(next_block), str(BLOCK)],
-                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        done = 0
-        # Let some commits finish, then kill at a random moment inside the next one.
-        while True:
-            line = proc.stdout.readline()
-            assert line, "writer exited early"
-            if line.startswith("done"):
-                done += 1
-            if line.startswith("begin") and done >= attempt:
-                break
-        time.sleep(rng.uniform(0.0, 0.4))
-        os.kill(proc.pid, signal.SIGKILL)
-        rest = proc.stdout.read()
+    FeatureStore(path).upsert_hidden_states([HiddenStateRow("first", "s", "e", 0, np.ones(1536))])
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "1", str(BLOCK)], cwd=ROOT,
+                            env=_pause_env(f"hidden_states:{point}", marker))
+    try:
+        _wait_for(marker, proc)
+        assert marker.read_text().split() == [str(proc.pid), f"hidden_states:{point}"]
+    finally:
+        proc.kill()
         proc.wait()
-        done += rest.count("done")
-        next_block += done + 1
-        after = _rows(path)  # readable, and whole blocks only
-        assert after == before + done * BLOCK, (attempt, before, after, done)
-        # The next write succeeds (leftover data files of the killed commit are just garbage).
-        store = FeatureStore(path)
-        store.upsert_hidden_states([HiddenStateRow(f"after{attempt}", "s", "e", 0, np.ones(1536))])
-        assert _rows(path) == after + 1
+    after = _rows(path)  # readable, and whole commits only
+    assert after == 1 + (BLOCK if committed else 0), (point, after)
+    # The next write succeeds (data files of the killed commit are just unreferenced garbage).
+    FeatureStore(path).upsert_hidden_states([HiddenStateRow("next", "s", "e", 0, np.ones(1536))])
+    assert _rows(path) == after + 1
 
 
 READER = textwrap.dedent("""
     import sys, os, json
     from storage import connect
-    path, stop = sys.argv[1], sys.argv[2]
-    seen = []
+    path, stop, paused = sys.argv[1], sys.argv[2], sys.argv[3]
     while not os.path.exists(stop):
+        during_pause = os.path.exists(paused)  # a writer is held inside a commit as this read starts
         with connect(path) as con:
             n, = con.execute("SELECT count(*) FROM hidden_states WHERE extractor_id = 'e'").fetchone()
             k, = con.execute("SELECT count(DISTINCT video_id) FROM hidden_states WHERE layer = 0").fetchone()
-        seen.append([n, k])
-    print(json.dumps(seen))
+        print(json.dumps([n, k, during_pause]), flush=True)
 """)
 
 
-def test_reader_never_sees_a_partial_commit(tmp_path):
+class _Lines:
+    """A subprocess's stdout lines, read by a thread so that waiting for one can time out."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[list] = []
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def next(self) -> list:
+        line = self.queue.get(timeout=WAIT)
+        assert line is not None, "the reader exited"
+        self.seen.append(json.loads(line))
+        return self.seen[-1]
+
+    def until(self, n: int) -> None:
+        """Read until the reader has reported a read that saw n rows."""
+        while self.next()[0] != n:
+            pass
+
+
+def _block(c: int, value: float) -> list[HiddenStateRow]:
+    return [HiddenStateRow(f"c{c}-{i}", "s", "e", k, np.full(64, value, np.float32)) for i in range(50) for k in LAYERS]
+
+
+@pytest.mark.timeout(300)
+def test_reader_never_sees_a_partial_commit(tmp_path, monkeypatch):
     path = tmp_path / "store"
     store = FeatureStore(path)
-    stop = tmp_path / "stop"
+    stop, marker = tmp_path / "stop", tmp_path / "paused"
     block = 200  # 50 videos x 4 layers per commit
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop)], cwd=ROOT,
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop), str(marker)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # let the reader import and start looping
-    for c in range(20):
-        store.upsert_hidden_states([HiddenStateRow(f"c{c}-{i}", "s", "e", k, np.full(64, c, np.float32))
-                                    for i in range(50) for k in LAYERS])
-        # Rewrite an earlier block too: replacing rows must not show a gap or a double either.
-        if c:
-            store.upsert_hidden_states([HiddenStateRow(f"c{c - 1}-{i}", "s", "e", k, np.zeros(64, np.float32))
-                                        for i in range(50) for k in LAYERS])
-    time.sleep(0.3)
-    stop.touch()
-    out, _ = reader.communicate(timeout=60)
+    try:
+        lines = _Lines(reader)
+        lines.next()  # the reader is up
+        for c in range(10):
+            store.upsert_hidden_states(_block(c, c))
+            # Rewrite an earlier block too: replacing rows must not show a gap or a double either.
+            if c:
+                store.upsert_hidden_states(_block(c - 1, 0))
+            lines.until((c + 1) * block)  # the reader saw this version: every version is observed
+        # A writer held inside a commit (rows handed to Delta, no log entry): readers that start
+        # meanwhile see the previous version, whole.
+        for c, point in ((10, "mid-write"), (11, "before-write")):
+            monkeypatch.setenv("MVREC_TEST_PAUSE_AT", f"hidden_states:{point}")
+            monkeypatch.setenv("MVREC_TEST_PAUSE_FILE", str(marker))
+            writer = threading.Thread(target=store.upsert_hidden_states, args=(_block(c, c),))
+            writer.start()
+            while not marker.exists():
+                assert writer.is_alive(), "the writer finished without pausing"
+                time.sleep(0.01)
+            while not (read := lines.next())[2]:
+                pass
+            assert read[0] == c * block  # a read that began while the writer was held
+            monkeypatch.delenv("MVREC_TEST_PAUSE_AT")
+            marker.unlink()
+            writer.join(timeout=WAIT)
+            assert not writer.is_alive()
+            lines.until((c + 1) * block)
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=WAIT)
     assert reader.returncode == 0
-    seen = json.loads(out)
-    assert len(seen) >= 5, "the reader should have queried during the commits"
-    assert len({n for n, _ in seen}) >= 3, "the reader should have seen several versions"
-    for n, k in seen:
+    seen = lines.seen + [json.loads(x) for x in out.splitlines() if x]
+    assert len({n for n, _, _ in seen}) >= 12  # every version was observed
+    for n, k, _ in seen:
         assert n % block == 0 and k * len(LAYERS) == n, (n, k)
-    assert [n for n, _ in seen] == sorted(n for n, _ in seen)  # never goes back
-    assert seen[-1][0] == 20 * block
+    assert [n for n, _, _ in seen] == sorted(n for n, _, _ in seen)  # never goes back
+    assert seen[-1][0] == 12 * block
+
+
+# --- a read-only store: one line, exit 2, no Rust panic --------------------------------------------
+
+def _unprivileged(cmd: list[str]) -> list[str]:
+    """`cmd` run so that file permission bits apply. chmod does not stop root (CAP_DAC_OVERRIDE),
+    so as root the command runs without the capabilities that bypass them (setpriv); nothing is
+    mocked: the kernel refuses the writes."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner,-linux_immutable"] if setpriv else None
+    if drop is None or subprocess.run(drop + ["true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (setpriv): chmod cannot make a store read-only")
+    return drop + cmd
+
+
+@pytest.fixture()
+def read_only_store(tmp_path, eid, store):
+    store.write_batch(_batch(eid, range(3)))
+    store.tag("t0")
+    subprocess.run(["chmod", "-R", "a-w", store.root], check=True)
+    yield store
+    subprocess.run(["chmod", "-R", "u+w", store.root], check=True)  # so that tmp_path can be removed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args", [["store", "tag", "t1"], ["store", "compact", "--retention-hours", "0"]])
+def test_read_only_store_is_one_line_and_exit_2(read_only_store, args):
+    before = {p: p.stat().st_mtime_ns for p in Path(read_only_store.root).rglob("*")}
+    env = {**os.environ, "MVREC_STORE__PATH": read_only_store.root}
+    proc = subprocess.run(_unprivileged([sys.executable, "-c", "from mvrec.cli import main; main()", *args]),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: store not writable: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "panicked" not in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in Path(read_only_store.root).rglob("*")} == before
+    # Reads still work.
+    proc = subprocess.run(_unprivileged([sys.executable, "-c", "from mvrec.cli import main; main()", "query",
+                                         "SELECT count(*) AS n FROM hidden_states", "-f", "csv"]),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["n", str(3 * len(LAYERS))], proc.stderr
+
+
+READ_ONLY_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from storage import FeatureStore, HiddenStateRow, StoreNotWritableError
+    store = FeatureStore(sys.argv[1])  # create=True: every table exists, nothing to write
+    for write in (lambda: store.upsert_hidden_states([HiddenStateRow("x", "s", "e", 0, np.ones(16))]),
+                  lambda: store.start_run("refresh"), lambda: store.tag("t1")):
+        try:
+            write()
+            print("wrote")
+        except StoreNotWritableError as e:
+            print(type(e).__name__, isinstance(e, PermissionError), str(e).count("\\n"))
+""")
+
+
+@pytest.mark.timeout(300)
+def test_writes_to_a_read_only_store_raise_a_named_error(read_only_store):
+    proc = subprocess.run(_unprivileged([sys.executable, "-c", READ_ONLY_WRITER, read_only_store.root]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["StoreNotWritableError True 0"] * 3
+    assert "panicked" not in proc.stderr
 
 
 # --- schema v2: failures.content_sha256, upgrade of a v1 store, fast layer reads -----------------
