@@ -1,8 +1,9 @@
 """The one typed configuration of mvrec.
 
 Precedence, lowest to highest: embedded defaults < `mvrec.toml` < `MVREC_<SECTION>__<KEY>`
-environment variables < command-line flags. Unknown sections or keys are an error that names
-where they came from, never silently ignored.
+environment variables < command-line flags. Unknown sections or keys, values of the wrong type
+and values out of range (CHECKS below) are an error that names the key and where its value came
+from, raised while the config loads: before any command starts work.
 
     [extract]                          # mvrec.toml
     model = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -18,15 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 CONFIG_FILE = "mvrec.toml"
 ENV_PREFIX = "MVREC_"
 ENV_CONFIG_PATH = "MVREC_CONFIG"  # points at a TOML file other than ./mvrec.toml
+# MVREC_* variables that are not config keys: the debug switch and test-only hooks.
+ENV_NOT_CONFIG = ("MVREC_CONFIG", "MVREC_DEBUG", "MVREC_TEST_")
 
 
 class ConfigError(ValueError):
@@ -222,7 +226,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"config field {where} has an unsupported type {tp!r}")
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
+           sources: dict[str, str] | None = None) -> None:
     sections = _sections()
     if section not in sections:
         raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sections)})")
@@ -231,6 +236,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if key not in fields:
         raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(fields)})")
     setattr(obj, key, _coerce(value, fields[key], f"{source}: {section}.{key}"))
+    if sources is not None:
+        sources[f"{section}.{key}"] = source
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -247,15 +254,18 @@ def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    override_sources: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective config.
 
     path: a TOML file; default `$MVREC_CONFIG`, else `./mvrec.toml` if it exists.
     env: environment mapping (default os.environ); `MVREC_SECTION__KEY=value`.
     overrides: command-line flags as {"section.key": value}; None values are skipped.
+    override_sources: how to name an override's source in errors, e.g. {"extract.frames": "--frames"}.
     """
     env = os.environ if env is None else env
     cfg = Config()
+    sources: dict[str, str] = {}  # "section.key" -> where its value came from
 
     if path is None and env.get(ENV_CONFIG_PATH):
         path = env[ENV_CONFIG_PATH]
@@ -271,20 +281,173 @@ def load_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"{file}: top-level key {section!r} must be a [section] table")
             for key, value in table.items():
-                _apply(cfg, section, key, value, str(file))
+                _apply(cfg, section, key, value, str(file), sources)
 
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH or name == "MVREC_DEBUG":
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_NOT_CONFIG):
             continue
         rest = name[len(ENV_PREFIX):]
         if "__" not in rest:
             raise ConfigError(f"environment: {name} is not MVREC_<SECTION>__<KEY>")
         section, key = rest.split("__", 1)
-        _apply(cfg, section.lower(), key.lower(), value, f"environment {name}")
+        _apply(cfg, section.lower(), key.lower(), value, f"environment {name}", sources)
 
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, _, key = dotted.partition(".")
-        _apply(cfg, section, key, value, f"option {dotted}")
+        _apply(cfg, section, key, value, (override_sources or {}).get(dotted, f"option {dotted}"), sources)
+    check_config(cfg, sources)
     return cfg
+
+
+# Checks of values, run on the whole config once it is loaded. Each takes the value and returns
+# what is wrong with it, or None. Every key has one (tests/test_config.py holds them to that).
+
+
+def _min(n: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= n else f"must be >= {n}, got {v!r}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be > 0 and <= 1, got {v!r}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+
+
+def _any(v: Any) -> str | None:
+    return None
+
+
+def _nonempty(v: str) -> str | None:
+    return None if str(v).strip() else "must not be empty"
+
+
+def _device(v: str) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else f"{v!r} is not auto, cpu, cuda or cuda:N"
+
+
+def _dtype(v: str) -> str | None:
+    from tasks.lvlm import dtype_name
+
+    try:
+        dtype_name(v, on_cpu=True)
+    except ValueError:
+        return f"{v!r} is not auto, float32, bfloat16 or float16"
+    return None
+
+
+def _frames(v: str) -> str | None:
+    from tasks.decode import parse_policy  # the one parser of frame policies
+
+    try:
+        parse_policy(v)
+    except ValueError as e:
+        return str(e).removeprefix("policy: ")
+    return None
+
+
+def _layers(v: str) -> str | None:
+    """Syntax only; the range is checked against the model when it loads."""
+    parts = [p.strip() for p in str(v).split(",")]
+    if str(v).strip() == "all" or all(p in ("final", "-1") or p.isdigit() for p in parts):
+        return None
+    return f"{v!r} is not 'all' or a comma list of layer indices and 'final', such as 0,8,final"
+
+
+def _train_source(v: str) -> str | None:
+    if v == "caption" or (v.startswith("hidden:") and _layers(v[len("hidden:"):]) is None):
+        return None
+    return f"{v!r} is not caption, hidden:all or hidden:<layers> such as hidden:0,4,final"
+
+
+def _representations(v: str) -> str | None:
+    names = [n.strip() for n in v.split(",") if n.strip()]
+    bad = [n for n in names if n not in REPRESENTATIONS]
+    if not names or bad:
+        return f"{v!r} is not a comma list of {', '.join(REPRESENTATIONS)}"
+    return None
+
+
+def _cron(v: str) -> str | None:
+    # Prefect checks the fields themselves when `mvrec serve` registers the schedule.
+    return None if v.startswith("@") or len(v.split()) in (5, 6) else f"{v!r} is not a cron expression"
+
+
+def _cpu_bind(v: str) -> str | None:
+    if v in ("auto", "nobind") or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", v):
+        return None
+    return f"{v!r} is not auto, nobind or a core list such as 0-1"
+
+
+def _string_table(v: dict) -> str | None:
+    bad = [k for k, x in v.items() if not isinstance(x, str)]
+    return f"values must be strings (quote them), not {', '.join(bad)}" if bad else None
+
+
+def _preset(v: str) -> str | None:
+    if not v:
+        return None
+    from recommender.presets import PRESETS
+
+    return None if v in PRESETS else f"{v!r} is not a preset ({', '.join(PRESETS)})"
+
+
+REPRESENTATIONS = ("id", "replace", "fuse", "dff")
+LOSSES = ("auto", "full", "sampled", "bce")  # recommender/losses.py implements them
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "store.path": _nonempty, "store.storage_options": _string_table,
+    "prefect.home": _nonempty, "prefect.task_runner": _one_of("threads", "dask", "ray"),
+    "prefect.max_workers": _min(1), "prefect.dask_address": _any, "prefect.ray_address": _any,
+    "prefect.gpu_tag": _nonempty, "prefect.task_retries": _min(0), "prefect.retry_delay_s": _min(0),
+    "extract.backend": _one_of("transformers", "vllm"), "extract.model": _nonempty, "extract.revision": _any,
+    "extract.device": _device, "extract.dtype": _dtype, "extract.prompt": _any, "extract.max_new_tokens": _min(0),
+    "extract.frames": _frames, "extract.max_frames": _min(2), "extract.max_pixels": _min(28 * 28),
+    "extract.max_duration_s": _positive, "extract.max_file_bytes": _positive,
+    "extract.pooling": _one_of("video", "prompt", "last"), "extract.layers": _layers, "extract.batch_size": _min(1),
+    "extract.partial": _one_of("accept", "fail"), "extract.commit_size": _min(1), "extract.decode_workers": _min(1),
+    "extract.text_model": _nonempty,
+    "vllm.max_model_len": _min(1), "vllm.max_num_seqs": _min(1), "vllm.dtype": _dtype,
+    "vllm.tensor_parallel_size": _min(1), "vllm.data_parallel_size": _min(1),
+    "vllm.gpu_memory_utilization": _fraction, "vllm.mm_processor_kwargs": _any, "vllm.cpu_kvcache_space_gib": _min(1),
+    "vllm.cpu_omp_threads_bind": _cpu_bind, "vllm.multiprocessing": _any,
+    "refresh.source": _nonempty, "refresh.interactions": _any, "refresh.cron": _cron, "refresh.deployment": _nonempty,
+    "train.dim": _min(1), "train.max_seq_len": _min(1), "train.min_seq_len": _min(3), "train.n_blocks": _min(1),
+    "train.n_heads": _min(1), "train.dropout": lambda v: None if 0 <= v < 1 else f"must be >= 0 and < 1, got {v!r}",
+    "train.lr": _positive, "train.weight_decay": _min(0), "train.grad_clip": _positive, "train.batch_size": _min(1),
+    "train.max_epochs": _min(1), "train.patience": _min(1), "train.preset": _preset, "train.loss": _one_of(*LOSSES),
+    "train.num_negatives": _min(1), "train.negative_sampler": _one_of("uniform", "popularity"),
+    "train.eval_users": _min(0), "train.seed": _min(0), "train.device": _device, "train.out": _nonempty,
+    "train.representation": _one_of(*REPRESENTATIONS), "train.source": _train_source, "train.mask_history": _any,
+    "train.eval_batch_size": _min(1), "train.eval_protocol": _one_of("full", "sampled"),
+    "train.missing_features": _one_of("zero", "error"), "train.num_threads": _min(0),
+    "study.seeds": _min(1), "study.out": _nonempty, "study.max_epochs": _min(1), "study.batch_size": _min(1),
+    "study.lr": _positive, "study.layers": _layers, "study.representations": _representations,
+}
+
+
+def check_config(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first value out of range, naming the key and its source."""
+    sources = sources or {}
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"{sources.get(key, 'default')}: {key}: {problem}")
+
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            check = CHECKS.get(f"{section}.{key}")
+            if check is None:  # a key added without a check: refuse to guess
+                raise TypeError(f"config key {section}.{key} has no entry in mvrec.config.CHECKS")
+            problem = check(value)
+            if problem:
+                fail(f"{section}.{key}", problem)
+    if cfg.train.dim % cfg.train.n_heads:
+        key = "train.dim" if "train.dim" in sources else "train.n_heads"
+        fail(key, f"train.dim ({cfg.train.dim}) is not a multiple of train.n_heads ({cfg.train.n_heads})")

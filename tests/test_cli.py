@@ -171,3 +171,100 @@ def test_exit_code_raised_by_a_command_reaches_the_shell(monkeypatch, capsys):
     assert run_in_process(["fail", "--code", "3"], capsys)[0] == 3
     assert run_in_process(["fail", "--code", "0"], capsys)[0] == 0
     assert run_in_process(["ok"], capsys)[0] == 0
+
+
+def test_an_error_after_work_started_exits_1(monkeypatch, capsys):
+    """Bad input found before work starts is exit 2; the same kind of error during the run is a failed
+    run, exit 1. (A throwaway app, as above: what is tested is main()'s mapping.)"""
+    import mvrec.cli
+    from mvrec.cli.common import work_started
+
+    tiny = typer.Typer()
+
+    @tiny.command()
+    def run(started: bool = False) -> None:
+        if started:
+            work_started()
+        raise ValueError("bad row 3")
+
+    @tiny.command()
+    def other() -> None:
+        pass
+
+    monkeypatch.setattr(mvrec.cli, "app", tiny)
+    code, _, err = run_in_process(["run", "--started"], capsys)
+    assert code == 1 and err.strip() == "error: bad row 3"
+    code, _, err = run_in_process(["run"], capsys)
+    assert_one_line_error(code, err, "bad row 3")
+    assert run_in_process(["other"], capsys)[0] == 0  # the mark does not outlive its run
+
+
+@pytest.mark.parametrize("value, problem", [("uniform:0", "whole number of frames >= 1"),
+                                            ("fps:-1", "frames per second > 0"),
+                                            ("banana", "is not 'uniform:N' or 'fps:F'")])
+def test_refresh_with_a_bad_frame_policy_fails_before_any_work(tmp_path, value, problem):
+    (tmp_path / "videos").mkdir()
+    env = {"MVREC_EXTRACT__FRAMES": value, "MVREC_STORE__PATH": str(tmp_path / "store"),
+           "MVREC_PREFECT__HOME": str(tmp_path / "prefect")}
+    done = run_subprocess_env("refresh", str(tmp_path / "videos"), cwd=tmp_path, env_extra=env)
+    assert_one_line_error(done.returncode, done.stderr, "MVREC_EXTRACT__FRAMES", "extract.frames", problem)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "prefect").exists()  # nothing started
+
+
+def test_extract_names_the_flag_that_set_a_bad_value(tmp_path):
+    done = run_subprocess_env("extract", str(tmp_path), "--out", str(tmp_path / "x.parquet"), "--frames", "fps:0",
+                              cwd=tmp_path)
+    assert_one_line_error(done.returncode, done.stderr, "--frames", "extract.frames")
+
+
+@pytest.fixture
+def store_with_one_extractor(tmp_path):
+    from storage import ExtractorRecord, FeatureStore
+
+    store = FeatureStore(str(tmp_path / "store"))
+    eid = store.upsert_extractor(ExtractorRecord("m", "r", "p", "uniform:8", "video", "v1", dim=4, num_layers=1))
+    store.tag("good")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"u{u}\t" + " ".join(str(i) for i in range(1, 7)) + "\n" for u in range(3)))
+    return tmp_path, eid, pairs
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_unknown_ids_fail_before_any_work(store_with_one_extractor, command):
+    root, eid, pairs = store_with_one_extractor
+    env = {"MVREC_STORE__PATH": str(root / "store"), "MVREC_PREFECT__HOME": str(root / "prefect"),
+           "MVREC_TRAIN__OUT": str(root / "runs"), "MVREC_STUDY__OUT": str(root / "study")}
+    for args, named in [(["--extractor", "nope"], ["--extractor", "'nope'", eid]),
+                        (["--extractor", eid, "--caption-extractor", "nope2"], ["--caption-extractor", "nope2"]),
+                        (["--extractor", eid, "--as-of", "no-such-tag"], ["--as-of", "no-such-tag", "good"])]:
+        done = run_subprocess_env(command, "-i", str(pairs), *args, cwd=root, env_extra=env)
+        assert_one_line_error(done.returncode, done.stderr, *named)
+    for later in ("prefect", "runs", "study"):
+        assert not (root / later).exists(), f"{later} was written before the ids were checked"
+
+
+def run_subprocess_env(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVREC_")}
+    env.update({"COLUMNS": "200", "HF_HUB_OFFLINE": "1", **(env_extra or {})})
+    return subprocess.run([sys.executable, "-c", "from mvrec.cli import main; main()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_failed_refresh_exits_1(tmp_path):
+    """A run that starts and fails (here: a model whose weights file is truncated) exits 1, not 0."""
+    from mvrec.devtools.demo_data import make_demo_corpus
+    from mvrec.devtools.test_model import build_test_model
+
+    make_demo_corpus(tmp_path / "corpus", videos=2, users=10, seed=1, max_duration_s=2.5)
+    model = build_test_model(tmp_path / "model", layers=2)
+    for weights in Path(model).glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    env = {"MVREC_EXTRACT__MODEL": str(model), "MVREC_STORE__PATH": str(tmp_path / "store"),
+           "MVREC_PREFECT__HOME": str(tmp_path / "prefect"), "MVREC_EXTRACT__FRAMES": "uniform:4"}
+    done = subprocess.run([str(Path(sys.executable).with_name("mvrec")), "refresh", str(tmp_path / "corpus" / "videos")],
+                          cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("MVREC_")},
+                                             "HF_HUB_OFFLINE": "1", **env},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: refresh failed:")

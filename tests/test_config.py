@@ -183,6 +183,102 @@ def test_invalid_toml_names_the_file(tmp_path):
         load_config(path, env={})
 
 
+# Values out of range: refused while the config loads, naming the key and where the value came from.
+# (the issue's cases first: a frame policy of uniform:0, fps:-1 or banana, and commit_size = -5)
+OUT_OF_RANGE = [
+    ("extract", "frames", "uniform:0", "whole number of frames >= 1"),
+    ("extract", "frames", "fps:-1", "frames per second > 0"),
+    ("extract", "frames", "banana", "is not 'uniform:N' or 'fps:F'"),
+    ("extract", "commit_size", "-5", "must be >= 1, got -5"),
+    ("extract", "batch_size", "0", "must be >= 1"),
+    ("extract", "decode_workers", "0", "must be >= 1"),
+    ("extract", "max_frames", "1", "must be >= 2"),
+    ("extract", "max_new_tokens", "-1", "must be >= 0"),
+    ("extract", "max_duration_s", "0", "must be > 0"),
+    ("extract", "backend", "tensorflow", "is not one of transformers, vllm"),
+    ("extract", "device", "gpu", "is not auto, cpu, cuda or cuda:N"),
+    ("extract", "dtype", "fp8", "is not auto, float32, bfloat16 or float16"),
+    ("extract", "pooling", "max", "is not one of video, prompt, last"),
+    ("extract", "layers", "0,x", "is not 'all' or a comma list"),
+    ("extract", "partial", "maybe", "is not one of accept, fail"),
+    ("extract", "model", " ", "must not be empty"),
+    ("prefect", "task_runner", "celery", "is not one of threads, dask, ray"),
+    ("prefect", "max_workers", "0", "must be >= 1"),
+    ("prefect", "task_retries", "-1", "must be >= 0"),
+    ("vllm", "gpu_memory_utilization", "1.5", "must be > 0 and <= 1"),
+    ("vllm", "tensor_parallel_size", "0", "must be >= 1"),
+    ("vllm", "cpu_omp_threads_bind", "all", "is not auto, nobind or a core list"),
+    ("refresh", "cron", "nightly", "is not a cron expression"),
+    ("train", "dropout", "1.0", "must be >= 0 and < 1"),
+    ("train", "lr", "0", "must be > 0"),
+    ("train", "min_seq_len", "2", "must be >= 3"),
+    ("train", "representation", "concat", "is not one of id, replace, fuse, dff"),
+    ("train", "source", "hidden:x", "is not caption, hidden:all or hidden:<layers>"),
+    ("train", "n_heads", "3", "train.dim (64) is not a multiple of train.n_heads (3)"),
+    ("study", "representations", "id,foo", "is not a comma list of id, replace, fuse, dff"),
+    ("study", "seeds", "0", "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("section, key, value, problem", OUT_OF_RANGE, ids=lambda v: str(v))
+def test_out_of_range_value_from_environment(section, key, value, problem):
+    name = env_name(section, key)
+    with pytest.raises(ConfigError) as e:
+        load_config(env={name: value})
+    assert str(e.value).startswith(f"environment {name}: {section}.{key}: ")
+    assert problem in str(e.value)
+
+
+def test_out_of_range_value_names_the_file_and_the_flag(tmp_path):
+    path = write_toml(tmp_path, "[extract]\ncommit_size = -5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: extract.commit_size: must be >= 1"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match=r"^option extract.frames: extract.frames: "):
+        load_config(env={}, overrides={"extract.frames": "banana"})
+    with pytest.raises(ConfigError, match=r"^--frames: extract.frames: "):
+        load_config(env={}, overrides={"extract.frames": "banana"}, override_sources={"extract.frames": "--frames"})
+
+
+def test_storage_options_must_be_strings(tmp_path):
+    path = write_toml(tmp_path, "[store]\nstorage_options = { AWS_ALLOW_HTTP = true }\n")
+    with pytest.raises(ConfigError, match="store.storage_options: values must be strings.*AWS_ALLOW_HTTP"):
+        load_config(path, env={})
+
+
+def test_valid_values_pass():
+    cfg = load_config(env={env_name("extract", "frames"): "fps:0.5", env_name("extract", "layers"): "0,2,final",
+                           env_name("extract", "device"): "cuda:1", env_name("vllm", "cpu_omp_threads_bind"): "0-1,3",
+                           env_name("train", "source"): "hidden:-1,4", env_name("refresh", "cron"): "@daily",
+                           env_name("study", "representations"): "id,dff"})
+    assert cfg.extract.frames == "fps:0.5" and cfg.train.source == "hidden:-1,4"
+
+
+def test_every_key_has_a_check():
+    from mvrec.config import CHECKS, Config
+
+    keys = {f"{section}.{key}" for section, values in Config().to_dict().items() for key in values}
+    assert keys == set(CHECKS), f"keys without a check: {sorted(keys - set(CHECKS))}"
+
+
+def test_checks_accept_what_the_code_accepts():
+    """The choices in mvrec.config agree with the modules that implement them."""
+    from mvrec.config import CHECKS
+    from recommender.losses import LOSSES
+    from tasks.lvlm import DTYPES, POOLINGS
+
+    for loss in LOSSES:
+        assert CHECKS["train.loss"](loss) is None
+    for pooling in POOLINGS:
+        assert CHECKS["extract.pooling"](pooling) is None
+    for dtype in DTYPES:
+        assert CHECKS["extract.dtype"](dtype) is None
+    assert CHECKS["train.loss"]("hinge") and CHECKS["extract.pooling"]("max")
+
+
+def test_test_hooks_in_the_environment_are_not_config():
+    assert load_config(env={"MVREC_TEST_PAUSE_AT": "commit", "MVREC_DEBUG": "1"}).extract.batch_size == 4
+
+
 # Through the command line: the same rules, as one-line errors with exit code 2.
 
 

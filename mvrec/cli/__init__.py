@@ -16,7 +16,7 @@ import sys
 import typer
 from typer._click import exceptions as click_exc  # typer vendors click
 
-from mvrec.cli.common import app, err_console
+from mvrec.cli.common import _state, app, err_console
 
 # Registration order is the order `mvrec --help` lists them.
 from mvrec.cli import data as _data  # noqa: F401,E402  demo-data, build-test-model, config
@@ -33,6 +33,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 
 def main(argv: list[str] | None = None) -> None:
+    _state["working"] = False  # main() may run many times in one process (tests)
     try:
         # standalone_mode=False so that we format errors ourselves; in this mode click hands a
         # `typer.Exit(code)` raised by a command back as the return value instead of exiting.
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         err_console.print(f"error: {msg}".replace("\n", " "), markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(1 if _state["working"] else 2)  # after work started, the run failed
     if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
         sys.exit(rc)
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mvrec.cli.common import _state, app, console, err_console, get_config, test_model_notice
+from mvrec.cli.common import _state, app, console, err_console, get_config, test_model_notice, work_started
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -87,6 +87,7 @@ def refresh(
             return
     from flows.refresh import nightly_refresh
 
+    work_started()
     state = nightly_refresh(source, overrides=overrides, interactions=interactions, return_state=True,
                             config_path=str(_state["config_path"]) if _state["config_path"] else None)
     result = state.result(raise_on_failure=False)
@@ -115,6 +116,7 @@ def rerun_failed(
     from flows.runtime import make_task_runner
 
     flow = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
+    work_started()
     state = flow(source, overrides=overrides, only_failed=True, return_state=True,
                              config_path=str(_state["config_path"]) if _state["config_path"] else None)
     summary = state.result(raise_on_failure=False)
@@ -167,4 +169,5 @@ def demo(
     configure_prefect(cfg.prefect)
     from flows.demo import run_demo
 
+    work_started()
     run_demo(out=out, videos=videos, users=users, seed=seed, console=console, store_path=cfg.store.path)
