@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt | $(PY)
 
 install: $(STAMP)
 
-test: install
+# Lint first: an unused import or a broken Dockerfile fails fast, before the long suite.
+test: lint
 	$(PY) -m pytest -q
 
 # Everything but the end-to-end tests marked slow.
@@ -37,7 +38,9 @@ test-fast: install
 demo: install
 	$(VENV)/bin/mvrec demo
 
+# ruff (pyflakes + bugbear, [tool.ruff] in pyproject.toml), then hadolint and the compose checks.
 lint: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/test_docker.py
 
 bench: install
