@@ -6,7 +6,6 @@ starting an orchestrator when there is none.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Sequence
 
 import pyarrow.compute as pc
@@ -15,22 +14,10 @@ import mvrec
 from mvrec.config import Config
 from storage import ExtractorRecord, FeatureStore, open_store
 from tasks.discover import VideoRef, discover_videos, hash_videos
-from tasks.lvlm import ExtractSpec, model_revision
+from tasks.lvlm import model_revision
 
 # Part of every extractor's lineage: bump when a change here or in tasks/ changes the features.
 FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
-
-PERMANENT_ERRORS = {"DecodeError", "Unreadable", "NoVideoStream", "ZeroFrames", "TooLong", "TooLarge",
-                    "VideoRejected"}
-
-
-
-
-def extract_spec(cfg: Config) -> ExtractSpec:
-    e, v = cfg.extract, cfg.vllm
-    return ExtractSpec(model=e.model, revision=e.revision, device=e.device, dtype=e.dtype, prompt=e.prompt,
-                       max_new_tokens=e.max_new_tokens, pooling=e.pooling, layers=e.layers,
-                       options=asdict(v) if e.backend == "vllm" else {})
 
 
 def extractor_record(cfg: Config) -> ExtractorRecord:
@@ -47,10 +34,10 @@ def extractor_record(cfg: Config) -> ExtractorRecord:
 def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failures: Sequence[dict],
               only_failed: bool = False) -> tuple[list[VideoRef], dict[str, int]]:
     """Which videos need the model: not completed for this (sha, extractor), and not known to be
-    permanently broken (unless only_failed, which takes exactly the videos with open failures)."""
+    permanently broken (unless only_failed, which takes exactly the videos with open failures).
+    Failure rows written before the `permanent` column existed read as not permanent: tried once more."""
     failed_ids = {f["video_id"] for f in failures}
-    permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures
-                 if f["error_type"] in PERMANENT_ERRORS}
+    permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures if f.get("permanent")}
     todo, counts = [], {"done": 0, "known_broken": 0, "not_failed": 0}
     for ref in videos:
         if (ref.video_id, ref.content_sha256) in completed:

@@ -46,6 +46,8 @@ SIZE_MULTIPLE = 28  # Qwen2.5-VL patch 14 x merge 2; the processor resizes to it
 class DecodeError(ValueError):
     """A video that cannot be turned into frames. Permanent: retrying gives the same result."""
 
+    permanent = True
+
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = reason

@@ -91,9 +91,30 @@ class VideoFeatures:
     timings: dict[str, float] = field(default_factory=dict)  # seconds, per stage (batch share)
 
 
+@dataclass
+class Failure:
+    """One video that did not make it, at any stage. `permanent` comes from the error where it was
+    raised (an exception's `permanent` attribute): the same input fails the same way again, so it is
+    recorded and skipped until the file changes, not retried."""
+
+    video_id: str
+    uri: str
+    stage: str  # read | decode | model
+    error_type: str  # e.g. Unreadable, ZeroFrames, BackendOOM, OSError
+    message: str
+    permanent: bool = False
+
+    @classmethod
+    def of(cls, video_id: str, uri: str, stage: str, error: BaseException) -> Failure:
+        message = getattr(error, "reason", None) or str(error) or repr(error)
+        return cls(video_id, uri, stage, type(error).__name__, message[:2000], bool(getattr(error, "permanent", False)))
+
+
 class BackendOOM(RuntimeError):
     """The batch did not fit in (GPU or host) memory. Transient for a smaller batch: callers split
     the batch and try again; a single video that still does not fit is a failure."""
+
+    permanent = False  # a later run (another device, a smaller batch) may fit it
 
     def __init__(self, batch_size: int, detail: str = ""):
         self.batch_size = batch_size
@@ -135,6 +156,59 @@ def model_revision(model: str, revision: str = "", hf_config: Any = None) -> str
                 digest.update(f"{f.name}:{f.stat().st_size}".encode())
         return revision or f"local-{digest.hexdigest()[:12]}"
     return getattr(hf_config, "_commit_hash", None) or revision or "main"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers both backends share
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+
+
+def chat_prompt(processor: Any, prompt: str) -> str:
+    """The prompt text with one video placeholder, via the model's chat template."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces: the same caption text from every backend."""
+    return " ".join(text.split())
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(dtype: str, on_cpu: bool) -> str:
+    """auto: float32 on CPU, bfloat16 on GPU; otherwise the canonical name of `dtype`."""
+    if not dtype or dtype == "auto":
+        return "float32" if on_cpu else "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def find_decoder(model: Any) -> tuple[Any, Any]:
+    """The language model's decoder layer list and final norm (not the vision tower's), in the
+    transformers and the vLLM module layouts of Qwen2.5-VL and Qwen3-VL."""
+    import torch.nn as nn
+
+    best = None
+    for name, mod in model.named_modules():
+        layers, norm = getattr(mod, "layers", None), getattr(mod, "norm", None)
+        if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
+            continue
+        if "visual" in name or "vision" in name or "audio" in name:
+            continue
+        score = (1 if "language_model" in name else 0, len(layers))
+        if best is None or score > best[0]:
+            best = (score, layers, norm)
+    if best is None:
+        raise ValueError(f"model: no text decoder with .layers and .norm in {type(model).__name__}")
+    return best[1], best[2]
 
 
 def is_test_model(path_or_id: str | Path) -> bool:

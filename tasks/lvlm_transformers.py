@@ -23,8 +23,6 @@ forward for the hidden states, then generate). bench/extract.py measures both ag
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -32,13 +30,17 @@ import numpy as np
 from mvrec.devtools import torch_compat
 from tasks.lvlm import (
     FINAL_LAYER,
-    POOLINGS,
     BackendOOM,
     ExtractSpec,
     ModelInfo,
     VideoFeatures,
     VideoInput,
     VideoMeta,
+    chat_prompt,
+    check_pooling,
+    clean_caption,
+    dtype_name,
+    find_decoder,
     is_test_model,
     layer_rows,
     model_revision,
@@ -68,7 +70,7 @@ def pooling_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor, pooli
         w = torch.zeros_like(input_ids, dtype=torch.float32)
         w[:, -1] = 1.0  # left padding: every prompt ends at the last position
     else:
-        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+        check_pooling(pooling)
     counts = w.sum(dim=1, keepdim=True)
     if (counts == 0).any():
         raise ValueError(f"pooling: {pooling!r} found no tokens to pool in a row of the batch")
@@ -87,21 +89,20 @@ def pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 class _PooledCapture:
     """Forward hooks that pool selected layers during the first forward after `arm()`."""
 
-    def __init__(self, decoder, num_layers: int, rows: Sequence[int]):
+    def __init__(self, layers, norm, num_layers: int, rows: Sequence[int]):
         self.rows = list(rows)
         self.weights: torch.Tensor | None = None
         self.pooled: dict[int, torch.Tensor] = {}
         self.armed = False
         self.handles = []
         wanted = set(rows)
-        layers = decoder.layers
         if 0 in wanted:
             self.handles.append(layers[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
         for k in range(1, num_layers + 1):
             if k in wanted:
                 self.handles.append(layers[k - 1].register_forward_hook(self._hook(k)))
         # the norm hook is always on: it marks the end of the prefill
-        self.handles.append(decoder.norm.register_forward_hook(self._norm_hook(num_layers + 1, num_layers + 1 in wanted)))
+        self.handles.append(norm.register_forward_hook(self._norm_hook(num_layers + 1, num_layers + 1 in wanted)))
 
     def arm(self, weights: torch.Tensor) -> None:
         self.weights, self.pooled, self.armed = weights, {}, True
@@ -154,16 +155,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
-    return table[dtype]
-
-
 def processor_metadata(meta: VideoMeta):
     """tasks.lvlm.VideoMeta -> transformers.video_utils.VideoMetadata for already-sampled frames."""
     from transformers.video_utils import VideoMetadata
@@ -189,14 +180,13 @@ class TransformersBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if spec.pooling not in POOLINGS:
-            raise ValueError(f"pooling: {spec.pooling!r} is not one of {', '.join(POOLINGS)}")
+        check_pooling(spec.pooling)
         self.mode = spec.options.get("mode", "one_pass")
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
         self.spec = spec
         self.device = resolve_device(spec.device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.dtype = getattr(torch, dtype_name(spec.dtype, on_cpu=self.device == "cpu"))
         revision = spec.revision or None
         try:
             self.processor = AutoProcessor.from_pretrained(spec.model, revision=revision)
@@ -225,23 +215,13 @@ class TransformersBackend:
             dtype=str(self.dtype).removeprefix("torch."),
             device=self.device,
         )
-        self.decoder = self._find_decoder()
-        self.capture = _PooledCapture(self.decoder, self.num_layers, self.rows)
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": spec.prompt}]}]
-        self.prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.capture = _PooledCapture(*find_decoder(self.model), self.num_layers, self.rows)
+        self.prompt_text = chat_prompt(self.processor, spec.prompt)
         # Extra processor arguments, e.g. {"size": {...}} to change the processor's pixel budget.
         self.processor_kwargs = dict(spec.options.get("processor_kwargs", {}))
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_ids.add(self.tokenizer.eos_token_id)
-
-    def _find_decoder(self):
-        """The text decoder (has .layers and .norm) in Qwen2.5-VL and Qwen3-VL layouts."""
-        inner = getattr(self.model, "model", self.model)
-        for candidate in (getattr(inner, "language_model", None), self.model.get_decoder()):
-            if candidate is not None and hasattr(candidate, "layers") and hasattr(candidate, "norm"):
-                return candidate
-        raise ValueError(f"model: {self.spec.model!r} has no text decoder with .layers and .norm")
 
     # -- preprocessing --------------------------------------------------------------------
 
@@ -305,7 +285,7 @@ class TransformersBackend:
                 count = i + 1
                 break
         text = self.tokenizer.decode(ids[:count], skip_special_tokens=True)
-        return " ".join(text.split()), count
+        return clean_caption(text), count
 
     def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
         if not batch:

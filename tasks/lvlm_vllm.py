@@ -43,17 +43,20 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from tasks.lvlm import (
-    POOLINGS,
     ExtractSpec,
     ModelInfo,
     VideoFeatures,
     VideoInput,
+    chat_prompt,
+    check_pooling,
+    clean_caption,
+    dtype_name,
+    find_decoder,
     is_test_model,
     layer_rows,
     model_revision,
@@ -66,6 +69,8 @@ _EXT_CLS = "tasks.lvlm_vllm.HiddenStateRecorder"
 
 class VideoRejected(ValueError):
     """The engine refused one video's input (too long, malformed frames, ...). The engine lives on."""
+
+    permanent = True  # the same input is refused again
 
     def __init__(self, video_id: str, reason: str):
         super().__init__(f"{video_id}: the vLLM backend rejected the input: {reason}")
@@ -81,26 +86,6 @@ class VideoRejected(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _find_decoder(model: Any) -> tuple[Any, Any]:
-    """The language model's decoder layer list and final norm (not the vision tower's)."""
-    import torch.nn as nn
-
-    best = None
-    for name, mod in model.named_modules():
-        layers = getattr(mod, "layers", None)
-        norm = getattr(mod, "norm", None)
-        if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
-            continue
-        if "visual" in name or "vision" in name or "audio" in name:
-            continue
-        score = (1 if "language_model" in name else 0, len(layers))
-        if best is None or score > best[0]:
-            best = (score, layers, norm)
-    if best is None:
-        raise RuntimeError(f"no decoder layers found in {type(model).__name__}")
-    return best[1], best[2]
-
-
 class _Recorder:
     """Hooks plus per-request accumulators, living in the worker next to the model."""
 
@@ -111,7 +96,7 @@ class _Recorder:
         self.runner = runner
         self.video_token_id = int(video_token_id)
         self.pooling = pooling
-        layers, norm = _find_decoder(runner.get_model())
+        layers, norm = find_decoder(runner.get_model())
         self.num_layers = len(layers)
         self.handles = []
         # per step
@@ -306,13 +291,6 @@ def _set_engine_env(opts: dict[str, Any], on_cpu: bool) -> dict[str, str]:
     return env
 
 
-def _resolve_dtype(spec: ExtractSpec, opts: dict[str, Any], on_cpu: bool) -> str:
-    for d in (opts.get("dtype"), spec.dtype):
-        if d and d != "auto":
-            return str(d)
-    return "float32" if on_cpu else "bfloat16"
-
-
 def _norm_params(proc: Any) -> tuple | None:
     if proc is None:
         return None
@@ -330,25 +308,19 @@ def _video_norm_differs(processor: Any) -> bool:
     return img is not None and vid is not None and img != vid
 
 
-def chat_prompt(processor: Any, prompt: str) -> str:
-    """The prompt text with one video placeholder, via the model's chat template."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 class VLLMBackend:
     """Offline vLLM engine; `extract` returns captions and pooled layers from one generate call."""
 
     name = "vllm"
 
     def __init__(self, spec: ExtractSpec):
-        if spec.pooling not in POOLINGS:
-            raise ValueError(f"pooling: {spec.pooling!r} is not one of {', '.join(POOLINGS)}")
+        check_pooling(spec.pooling)
         self.spec = spec
         opts = dict(spec.options or {})
         on_cpu = _is_cpu_platform()
         self.engine_env = _set_engine_env(opts, on_cpu)
-        dtype = _resolve_dtype(spec, opts, on_cpu)
+        # [vllm] dtype wins over [extract] dtype unless it is auto
+        dtype = dtype_name(opts.get("dtype") if opts.get("dtype") not in (None, "", "auto") else spec.dtype, on_cpu)
 
         dp = int(opts.get("data_parallel_size", 1) or 1)
         if dp < 1:
@@ -396,7 +368,7 @@ class VLLMBackend:
         self.startup_s = time.perf_counter() - t0
 
         hf = self.llm.llm_engine.model_config.hf_config
-        self.video_token_id = int(getattr(hf, "video_token_id"))
+        self.video_token_id = int(hf.video_token_id)
         text_cfg = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
         num_layers = self.llm.collective_rpc("mvrec_install_hooks", args=(self.video_token_id, spec.pooling))[0]
         self.layers = parse_layers(spec.layers, num_layers)
@@ -533,7 +505,7 @@ class VLLMBackend:
             results.append(
                 VideoFeatures(
                     video_id=v.video_id,
-                    caption=" ".join(text.split()),  # as the transformers backend
+                    caption=clean_caption(text),
                     layers=list(self.layers),
                     hidden=np.ascontiguousarray(full[self.rows], dtype=np.float32),
                     pooling=self.spec.pooling,

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mvrec.devtools.demo_data import make_demo_corpus
@@ -51,7 +50,7 @@ def _overrides(corpus: Path, store: Path, **extra) -> dict:
 
 
 def _counts(store_path: Path):
-    from storage import connect, open_store
+    from storage import connect
 
     with connect(open_store_path(store_path)) as con:
         per_layer = dict(con.sql("SELECT layer, count(*) FROM hidden_states GROUP BY layer").fetchall())
@@ -106,9 +105,10 @@ def test_extract_skip_and_incremental(prefect_harness, corpus, tmp_path):
 
 def test_transient_failure_is_retried_and_lands_once(prefect_harness, corpus, tmp_path, monkeypatch):
     import flows.extract as fx
+    import tasks.extract as tx
 
     videos = _videos_dir(corpus, tmp_path, 3, corrupt=False)
-    real_decode, attempts = fx.decode, {"n": 0}
+    real_decode, attempts = tx.decode, {"n": 0}
 
     def flaky_decode(path, **kw):
         # Fault injection: a network filesystem hiccup cannot be produced on demand here, so the
@@ -118,7 +118,7 @@ def test_transient_failure_is_retried_and_lands_once(prefect_harness, corpus, tm
             raise OSError(5, "Input/output error (injected)")
         return real_decode(path, **kw)
 
-    monkeypatch.setattr(fx, "decode", flaky_decode)
+    monkeypatch.setattr(tx, "decode", flaky_decode)
     result = fx.extract_features(str(videos), overrides=_overrides(corpus, tmp_path / "store"))
     assert attempts["n"] == 2
     assert result["processed"] == 3 and result["failed"] == 0
@@ -129,9 +129,10 @@ def test_transient_failure_is_retried_and_lands_once(prefect_harness, corpus, tm
 def test_transient_failure_after_retries_fails_the_run_and_rerun_failed_fixes_it(prefect_harness, corpus, tmp_path,
                                                                                  monkeypatch):
     import flows.extract as fx
+    import tasks.extract as tx
 
     videos = _videos_dir(corpus, tmp_path, 3, corrupt=False)
-    real_decode = fx.decode
+    real_decode = tx.decode
     broken = {"on": True}
 
     def flaky_decode(path, **kw):
@@ -140,7 +141,7 @@ def test_transient_failure_after_retries_fails_the_run_and_rerun_failed_fixes_it
             raise OSError(5, "Input/output error (injected)")
         return real_decode(path, **kw)
 
-    monkeypatch.setattr(fx, "decode", flaky_decode)
+    monkeypatch.setattr(tx, "decode", flaky_decode)
     ov = _overrides(corpus, tmp_path / "store", **{"prefect.task_retries": 1})
     state = fx.extract_features(str(videos), overrides=ov, return_state=True)
     assert state.is_failed()

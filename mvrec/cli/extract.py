@@ -9,18 +9,18 @@ from typing import Optional
 
 import typer
 
-from mvrec.cli.common import app, console, get_config, test_model_notice
+from mvrec.cli.common import app, console, get_config, test_model_notice, work_started
 
 
-def _rows(results, failures, info, spec, decode_kwargs) -> list[dict]:
+def _rows(results, failures, info, spec, opts) -> list[dict]:
     """One row per video: the features, or the failure with its reason."""
     common = {"model": info.model, "revision": info.revision, "arch": info.arch,
-              "is_test_model": info.is_test_model, "prompt": spec.prompt, "frames": decode_kwargs["policy"]}
+              "is_test_model": info.is_test_model, "prompt": spec.prompt, "frames": opts.policy}
     rows = []
     for r in results:
         f, m = r.features, r.meta
         rows.append({
-            "video_id": f.video_id, "path": r.path, "status": "ok", "error_stage": None, "error_type": None,
+            "video_id": f.video_id, "path": r.ref.uri, "status": "ok", "error_stage": None, "error_type": None,
             "error": None, "caption": f.caption, "layers": [int(k) for k in f.layers],
             "hidden": f.hidden.astype("float32").tolist(), "pooling": f.pooling,
             "n_video_tokens": f.n_video_tokens, "n_prompt_tokens": f.n_prompt_tokens, "n_new_tokens": f.n_new_tokens,
@@ -30,7 +30,7 @@ def _rows(results, failures, info, spec, decode_kwargs) -> list[dict]:
         })
     for fl in failures:
         rows.append({
-            "video_id": fl.video_id, "path": fl.path, "status": "failed", "error_stage": fl.stage,
+            "video_id": fl.video_id, "path": fl.uri, "status": "failed", "error_stage": fl.stage,
             "error_type": fl.error_type, "error": fl.message, "caption": None, "layers": None, "hidden": None,
             "pooling": spec.pooling, "n_video_tokens": None, "n_prompt_tokens": None, "n_new_tokens": None,
             "num_frames": None, "fps": None, "duration_s": None, "width": None, "height": None, "rotation": None,
@@ -69,36 +69,38 @@ def extract_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from tasks.decode import parse_policy
-    from tasks.extract import extract_videos, video_files
-    from tasks.lvlm import POOLINGS, ExtractSpec, load_backend
+    from tasks.discover import discover_videos
+    from tasks.extract import decode_options, extract_spec, iter_batches
+    from tasks.lvlm import POOLINGS, load_backend
 
-    cfg = get_config(**{
+    config = get_config(**{
         "extract.model": model, "extract.frames": frames, "extract.batch_size": batch_size,
         "extract.layers": layers, "extract.pooling": pooling, "extract.prompt": prompt,
         "extract.max_new_tokens": max_new_tokens, "extract.backend": backend, "extract.device": device,
-    }).extract
+    })
+    cfg = config.extract
     if not video_dir.exists():
         raise typer.BadParameter(f"{video_dir} does not exist", param_hint="VIDEO_DIR")
+    if not video_dir.is_dir():
+        raise typer.BadParameter(f"{video_dir} is not a directory", param_hint="VIDEO_DIR")
     if cfg.pooling not in POOLINGS:
         raise typer.BadParameter(f"{cfg.pooling!r} is not one of {', '.join(POOLINGS)}", param_hint="--pooling")
     try:
         parse_policy(cfg.frames)
     except ValueError as e:
         raise typer.BadParameter(str(e).removeprefix("policy: "), param_hint="--frames") from None
-    paths = video_files(video_dir)
-    if not paths:
+    refs = discover_videos(video_dir)
+    if not refs:
         raise typer.BadParameter(f"no video files in {video_dir}", param_hint="VIDEO_DIR")
 
-    spec = ExtractSpec(model=cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
-                       prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens, pooling=cfg.pooling, layers=cfg.layers)
-    decode_kwargs = {"policy": cfg.frames, "max_frames": cfg.max_frames, "max_pixels": cfg.max_pixels,
-                     "max_duration_s": cfg.max_duration_s, "max_file_bytes": cfg.max_file_bytes}
+    spec, opts = extract_spec(config), decode_options(config)  # the same as the flow's
     test_model_notice(cfg.model)
+    work_started()
     with console.status(f"loading {cfg.model} ({cfg.backend})"):
         lvlm = load_backend(cfg.backend, spec)
     info = lvlm.info
     console.print(f"{info.arch}: {info.num_layers} layers, hidden {info.hidden_size}, {info.dtype} on {info.device}; "
-                  f"{len(paths)} videos, batch {cfg.batch_size}, frames {cfg.frames}, pooling {cfg.pooling}")
+                  f"{len(refs)} videos, batch {cfg.batch_size}, frames {cfg.frames}, pooling {cfg.pooling}")
 
     start = time.perf_counter()
     columns = [TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
@@ -106,21 +108,23 @@ def extract_cmd(
                TimeElapsedColumn(), TextColumn("[red]{task.fields[failed]} failed")]
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("extract", total=len(paths), rate=0.0, failed=0)
-
-            def on_progress(done: int, failed: int, total: int) -> None:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                progress.update(task, completed=done, rate=rate, failed=failed)
-
-            results, failures = extract_videos(paths, lvlm, batch_size=cfg.batch_size, decode_kwargs=decode_kwargs,
-                                               on_progress=on_progress, decode_workers=cfg.decode_workers)
+            task = progress.add_task("extract", total=len(refs), rate=0.0, failed=0)
+            results, failures = [], []
+            for batch in iter_batches(refs, lvlm, lookahead=cfg.decode_workers, batch_size=cfg.batch_size, opts=opts):
+                results += batch.results
+                failures += batch.failures
+                done = len(results) + len(failures)
+                progress.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9),
+                                failed=len(failures))
     finally:
         lvlm.close()
     elapsed = time.perf_counter() - start
-    _write_parquet(_rows(results, failures, info, spec, decode_kwargs), out)
+    _write_parquet(_rows(results, failures, info, spec, opts), out)
     console.print(f"wrote {out}: {len(results)} ok, {len(failures)} failed, "
-                  f"{len(paths) / elapsed:.2f} videos/s over {elapsed:.1f} s")
+                  f"{len(refs) / elapsed:.2f} videos/s over {elapsed:.1f} s")
     for fl in failures[:10]:
-        console.print(f"  [red]failed[/] {fl.path}: {fl.stage} {fl.error_type}: {fl.message}", highlight=False)
+        console.print(f"  [red]failed[/] {fl.uri}: {fl.stage} {fl.error_type}: {fl.message}", highlight=False)
     if len(failures) > 10:
         console.print(f"  ... and {len(failures) - 10} more (status = 'failed' rows in {out})")
+    if any(not fl.permanent for fl in failures):
+        raise typer.Exit(1)  # transient failures: a rerun may succeed (exit codes: docs/cli.md)
