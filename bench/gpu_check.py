@@ -48,6 +48,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ SHAPES = {
 def write_model_dir(shape: Shape, out: Path) -> Path:
     """A test-model directory (tokenizer, processor, config.json) with the shape's config."""
     from mvrec.devtools.test_model import build_test_model
+    from tasks.lvlm import TEST_MODEL_FLAG
 
     build_test_model(out, arch="qwen2_5_vl", layers=1, hidden=128, heads=4, kv_heads=2)
     for f in out.glob("*.safetensors"):
@@ -109,7 +111,7 @@ def write_model_dir(shape: Shape, out: Path) -> Path:
                                "rope_theta": 1e6, "mrope_section": list(shape.mrope_section)}
     config["vision_config"].update(shape.vision)
     config["tie_word_embeddings"] = shape.text["tie_word_embeddings"]
-    config["mvrec_test_model"] = True
+    config[TEST_MODEL_FLAG] = True  # every report of the backend says "test model"
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -301,7 +303,7 @@ def decode_cost(paths: list[Path], decode_kwargs: dict) -> dict:
 # one shape
 
 
-def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: float) -> list[dict]:
+def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: float, deadline: float) -> list[dict]:
     import torch
 
     from tasks.decode import decode
@@ -323,6 +325,9 @@ def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: flo
     warm = [decode(p, **decode_kwargs) for p in paths[:args.batch]]
     try:
         for new_tokens in args.new_tokens:
+            if time.perf_counter() > deadline:
+                print(f"[{shape.name}] new_tokens={new_tokens}: skipped, past --budget-s")
+                continue
             backend.spec.max_new_tokens = new_tokens
             backend.extract(warm)  # compile/cuBLAS/allocator warm-up, not timed
             meter = Meter(cuda=cuda, config=backend.model.config)
@@ -336,7 +341,12 @@ def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: flo
                                                    decode_kwargs=decode_kwargs, decode_workers=args.decode_workers)
                 wall = time.perf_counter() - t0
             del backend.prepare, backend.run  # back to the class methods
+            for f in failures[:3]:
+                print(f"  failure: {f.path}: {f.stage} {f.error_type}: {f.message[:300]}")
             n = len(results)
+            if n == 0:
+                rows.append({"shape": shape.name, "new_tokens": new_tokens, "videos": 0, "failures": len(failures)})
+                continue
             flops = sum(meter.flops.values())
             model_rate = n / meter.model_s  # videos/s if the model never waited for input
             rows.append({
@@ -405,6 +415,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", default="16,0", help="caption lengths to run (0: prefill only)")
     p.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--policy", default="uniform:8")
+    p.add_argument("--budget-s", type=float, default=420, help="start no new measurement after this many seconds")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "gpu_check")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: $OUT or --work)")
     args = p.parse_args(argv)
@@ -442,19 +453,34 @@ def main(argv=None) -> int:
         print(f"decode {name}: {d['videos_per_cpu_s']:.1f} videos per CPU-second "
               f"({1e3 / d['videos_per_cpu_s']:.1f} ms CPU/video, {d['source_frames'] / d['videos']:.0f} source frames/video), "
               f"{d['videos_per_wall_s']:.1f} videos/s wall, one worker thread, {args.policy}")
+    save(report, args.out)
+    status = 0
     if not args.decode_only:
         import torch
 
         print(f"torch {torch.__version__}, device {args.device}"
               + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
         cpu_s = 1 / report["decode"]["demo"]["videos_per_cpu_s"]
-        report["runs"] = [r for s in args.shapes for r in run_shape(SHAPES[s], args, demo, cpu_s)]
+        report["runs"], report["errors"] = [], []
+        for name in args.shapes:
+            try:  # one shape failing must not cost the other's figures on a short device lease
+                report["runs"] += run_shape(SHAPES[name], args, demo, cpu_s, deadline=t0 + args.budget_s)
+            except Exception as e:
+                traceback.print_exc()
+                report["errors"].append(f"{name}: {type(e).__name__}: {e}")
+                status = 1
+            save(report, args.out)
     report["loadavg_end"] = os.getloadavg()
     report["forbidden_imported"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    save(report, args.out)
     print(f"results -> {args.out}; load {os.getloadavg()[0]:.2f}")
-    return 0
+    return status
+
+
+def save(report: dict, path: Path) -> None:
+    """Written after every step, so a run stopped at its time limit still leaves its figures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

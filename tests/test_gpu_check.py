@@ -36,6 +36,7 @@ def test_dry_run_at_tiny_shape(tmp_path):
     for subset in ("demo", "portrait_720x1280"):
         d = report["decode"][subset]
         assert d["videos"] >= 1 and d["frames"] >= 2 * d["videos"] and d["videos_per_cpu_s"] > 0
+    assert report["errors"] == []
     runs = report["runs"]
     assert [r["new_tokens"] for r in runs] == [16, 0]
     for r in runs:
