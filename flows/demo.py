@@ -17,13 +17,15 @@ from rich.table import Table
 
 
 def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, seed: int = 0,
-             console: Console | None = None, store_path: str | None = None) -> dict:
+             console: Console | None = None, store_path: str | None = None, runs_path: str | None = None) -> dict:
     console = console or Console()
     root = Path(out).resolve()
     from mvrec.config import load_config
 
     # The store is the configured one (default ./.mvrec/store), so `mvrec query` reads it afterwards.
     store_dir = Path(store_path or load_config().store.path).resolve()
+    # Training runs go to the configured train.out (default ./.mvrec/runs), where `mvrec recommend` looks.
+    runs_dir = Path(runs_path or load_config().train.out).resolve()
     corpus, model_dir = root / "corpus", root / "models" / "test-qwen2_5_vl"
     timings: dict[str, float] = {}
 
@@ -49,7 +51,7 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     timings["model"] = time.perf_counter() - t
 
     overrides = {"extract.model": str(model_dir), "store.path": str(store_dir),
-                 "train.out": str(root / "runs")}
+                 "train.out": str(runs_dir)}
     console.print("[bold]3/4 nightly refresh[/]: extract -> store -> caption vectors -> train + evaluate")
     t = time.perf_counter()
     from flows.refresh import nightly_refresh
@@ -75,7 +77,7 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     table.add_row("captions with vectors", str(captions))
     table.add_row("corpus", str(corpus))
     table.add_row("store", str(store_dir))
-    table.add_row("training runs", str(root / "runs"))
+    table.add_row("training runs", str(runs_dir))
     table.add_row("seconds", "  ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(table)
 
@@ -90,5 +92,7 @@ def run_demo(out: str = "./.mvrec/demo", videos: int = 200, users: int = 2000, s
     console.print(metrics)
     console.print("Features came from a random-weight TEST MODEL, so DFF vs ID here says nothing about LVLMs; "
                   "run the paper's grid with `mvrec study` (see docs/recommender.md).")
-    console.print('Next: mvrec query "SELECT layer, count(*) FROM hidden_states GROUP BY layer"')
+    console.print("Next: mvrec recommend --user 17    (top 10 for a demo user, from the run just trained)")
+    console.print("      mvrec status                 (runs, failures, extractors, store size)")
+    console.print('      mvrec query "SELECT layer, count(*) FROM hidden_states GROUP BY layer"')
     return {"timings": timings, "refresh": result}

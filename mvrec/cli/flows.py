@@ -170,4 +170,5 @@ def demo(
     from flows.demo import run_demo
 
     work_started()
-    run_demo(out=out, videos=videos, users=users, seed=seed, console=console, store_path=cfg.store.path)
+    run_demo(out=out, videos=videos, users=users, seed=seed, console=console, store_path=cfg.store.path,
+             runs_path=cfg.train.out)
