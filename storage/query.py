@@ -42,7 +42,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.schema import ALL_TABLES
+from storage.schema import ALL_TABLES, PIN_ORDER
 from storage.arrow import conform, vector_rows
 from storage.records import AsOf
 from storage.store import FeatureStore
@@ -219,7 +219,7 @@ class ReadOnlyConnection:
                              "use a tag name or a {table: version} mapping")
         pinned = store.resolve(as_of)
         allowed: list[str] = []
-        for name in ALL_TABLES:
+        for name in PIN_ORDER:
             version = pinned.get(name) if pinned and name != "snapshots" else None
             dt = store.table(name, version)
             self.versions[name] = dt.version()
@@ -230,6 +230,7 @@ class ReadOnlyConnection:
                 allowed.extend(files)
             else:
                 self._register_arrow(name, dt)
+        self.versions = {name: self.versions[name] for name in ALL_TABLES}
         # Lock down. DuckDB may read the pinned data files named above and nothing else.
         self._con.execute("SET parquet_metadata_cache = true")
         if allowed:

@@ -185,6 +185,11 @@ DATA_TABLES: dict[str, TableSpec] = {
     t.name: t for t in (VIDEOS, EXTRACTORS, CAPTIONS, FAILURES, RUNS, HIDDEN_STATES)
 }
 ALL_TABLES: dict[str, TableSpec] = {**DATA_TABLES, SNAPSHOTS.name: SNAPSHOTS}
+# The order a reader pins table versions in: the reverse of the write order. A batch whose
+# hidden_states a reader pinned had committed its videos and captions before, and the reader
+# pins those later, so it sees them too (pinning in write order could see hidden_states rows of a
+# batch whose videos row landed just after videos was pinned).
+PIN_ORDER: tuple[str, ...] = tuple(reversed(DATA_TABLES)) + (SNAPSHOTS.name,)
 
 
 def table_description(spec: TableSpec) -> str:

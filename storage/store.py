@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from storage.arrow import conform, key_strings, to_arrow, vector_rows, video_extractor_pairs
 from storage.delta import DeltaTables
 from storage.records import AsOf, ExtractionBatch, ExtractorRecord, FeatureMatrix, MissingItemsError
-from storage.schema import ALL_TABLES, DATA_TABLES
+from storage.schema import ALL_TABLES, DATA_TABLES, PIN_ORDER
 
 
 def utcnow() -> datetime:
@@ -72,7 +72,8 @@ class FeatureStore(DeltaTables):
 
     def snapshot(self) -> dict[str, int]:
         """The current Delta version of every data table; record it with a training run."""
-        return {name: self.table(name).version() for name in DATA_TABLES}
+        pinned = {name: self.table(name).version() for name in PIN_ORDER if name in DATA_TABLES}
+        return {name: pinned[name] for name in DATA_TABLES}
 
     def tag(self, name: str, note: str = "", versions: Mapping[str, int] | None = None) -> dict[str, int]:
         """Name the current versions of all tables (or `versions`). Tags are immutable.
