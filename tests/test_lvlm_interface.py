@@ -32,3 +32,43 @@ def test_model_revision_of_a_hub_id():
     assert model_revision("Qwen/Qwen2.5-VL-3B-Instruct") == "main"
     assert model_revision("Qwen/Qwen2.5-VL-3B-Instruct", "refs/pr/1") == "refs/pr/1"
     assert model_revision("Qwen/Qwen2.5-VL-3B-Instruct", "", Config()) == "abc123"
+
+
+def test_failures_are_permanent_where_the_error_says_so():
+    from tasks.decode import TooLong
+    from tasks.lvlm import BackendOOM, Failure
+    from tasks.lvlm_vllm import VideoRejected
+
+    corrupt = Failure.of("v", "/v.mp4", "decode", TooLong("/v.mp4", "too long"))
+    assert (corrupt.error_type, corrupt.message, corrupt.permanent) == ("TooLong", "too long", True)
+    assert Failure.of("v", "/v.mp4", "model", VideoRejected("v", "bad frames")).permanent
+    assert not Failure.of("v", "/v.mp4", "decode", OSError(5, "Input/output error")).permanent
+    assert not Failure.of("v", "/v.mp4", "model", BackendOOM(1)).permanent
+
+
+def test_plan_skips_only_permanent_failures_of_the_same_content():
+    from flows.plan import plan_work
+    from tasks.discover import VideoRef
+
+    refs = [VideoRef(v, f"/{v}.mp4", 1, f"sha-{v}") for v in ("done", "broken", "flaky", "changed", "new")]
+    failures = [{"video_id": "broken", "content_sha256": "sha-broken", "permanent": True},
+                {"video_id": "flaky", "content_sha256": "sha-flaky", "permanent": False},
+                {"video_id": "changed", "content_sha256": "an older file", "permanent": True}]
+    todo, counts = plan_work(refs, {("done", "sha-done")}, failures)
+    assert [r.video_id for r in todo] == ["flaky", "changed", "new"]
+    assert (counts["done"], counts["known_broken"]) == (1, 1)
+    todo, _ = plan_work(refs, {("done", "sha-done")}, failures, only_failed=True)
+    assert [r.video_id for r in todo] == ["broken", "flaky", "changed"]
+
+
+def test_cli_and_flow_build_the_same_spec_and_decode_options():
+    """One place builds them from the config: `mvrec extract --backend vllm` gets the [vllm] options."""
+    from mvrec.config import load_config
+    from tasks.extract import decode_options, extract_spec
+
+    cfg = load_config(overrides={"extract.backend": "vllm", "vllm.max_model_len": 4096, "extract.frames": "fps:2",
+                                 "extract.partial": "fail", "store.path": "/data/store"})
+    spec, opts = extract_spec(cfg), decode_options(cfg)
+    assert spec.options["max_model_len"] == 4096 and spec.options["data_parallel_size"] == 1
+    assert (opts.policy, opts.allow_partial, opts.cache_dir) == ("fps:2", False, "/data/cache")
+    assert extract_spec(load_config(overrides={"extract.backend": "transformers"})).options == {}
