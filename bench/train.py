@@ -28,8 +28,8 @@ from mvrec.config import TrainConfig  # noqa: E402
 from recommender.data import build_sequences  # noqa: E402
 from recommender.evaluate import full_ranking_ranks, history_mask  # noqa: E402
 from recommender.synthetic import planted  # noqa: E402
+from recommender.losses import next_item_loss  # noqa: E402
 from recommender.train import build_model, set_threads  # noqa: E402
-from recommender.model import next_item_loss  # noqa: E402
 
 
 def main() -> None:

@@ -136,9 +136,15 @@ class TrainConfig:
     batch_size: int = 512
     max_epochs: int = 100
     patience: int = 5
-    # full | inbatch | sampled
-    loss: str = "full"
-    num_negatives: int = 256
+    # A named recipe whose train keys apply first (e.g. sasrec-games); see recommender/presets.py.
+    preset: str = ""
+    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
+    loss: str = "auto"
+    # Negatives of the sampled loss, shared by a batch, drawn from: uniform | popularity
+    num_negatives: int = 1024
+    negative_sampler: str = "uniform"
+    # Validate on this many random users per epoch (0: all); the final metrics always use all.
+    eval_users: int = 0
     seed: int = 0
     device: str = "auto"
     out: str = "./.mvrec/runs"

@@ -100,6 +100,13 @@ class SeqData:
     def n_users(self) -> int:
         return len(self.users)
 
+    def subset(self, rows: np.ndarray) -> "SeqData":
+        """These users only, with the same items and the full data's training counts (cold stays cold)."""
+        sub = SeqData([self.users[r] for r in rows], self.items, [self.seqs[r] for r in rows], self.max_seq_len,
+                      self.source, self.n_dropped_users)
+        sub.train_counts = self.train_counts
+        return sub
+
     def history(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The items each user has seen before the split's target, as CSR (indptr, indices).
 

@@ -107,10 +107,12 @@ class SASRec(nn.Module):
 
     def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """seq [B, T] left-padded item indices -> hidden states [B, T, dim] ([B, 1, dim] with last_only:
-        the last block then computes only the last position, which is all that scoring needs)."""
+        the last block then computes only the last position, which is all that scoring needs).
+        T may be less than max_seq_len (padding columns trimmed): positions count from the right."""
         B, T = seq.shape
         valid = seq != 0
-        x = self.items(seq) * self.dim**0.5 + self.pos(torch.arange(T, device=seq.device))
+        P = self.pos.num_embeddings
+        x = self.items(seq) * self.dim**0.5 + self.pos(torch.arange(P - T, P, device=seq.device))
         x = self.drop(x) * valid.unsqueeze(-1)
         # Causal, never attend to padding keys; a position always sees itself (no all-masked rows).
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
@@ -131,36 +133,3 @@ class SASRec(nn.Module):
     def score_all(self, seq: torch.Tensor) -> torch.Tensor:
         return self.user_vectors(seq) @ self.all_items().T
 
-
-def next_item_loss(model: SASRec, seq: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None,
-                   loss: str = "full", num_negatives: int = 256) -> torch.Tensor:
-    """Cross-entropy of the next item at every non-padding position.
-
-    full:    softmax over the whole catalogue;
-    inbatch: over the batch's distinct targets;
-    sampled: over the batch's targets plus `num_negatives` uniform random items.
-    history [B, n_items + 1] (bool) marks each user's training items; as in the paper they are
-    masked out of the softmax except the position's own target (no penalty for repeats).
-    """
-    h = model(seq)
-    rows, cols = (targets != 0).nonzero(as_tuple=True)
-    h, y = h[rows, cols], targets[rows, cols]  # [P, d], [P]
-    if loss == "full":
-        cand = torch.arange(model.n_items + 1, device=seq.device)
-        label = y
-    elif loss in ("inbatch", "sampled"):
-        cand = y
-        if loss == "sampled":
-            cand = torch.cat([y, torch.randint(1, model.n_items + 1, (num_negatives,), device=y.device)])
-        cand, inverse = torch.unique(cand, return_inverse=True)
-        label = inverse[: len(y)]
-    else:
-        raise ValueError(f"unknown loss {loss!r} (full | inbatch | sampled)")
-    logits = h @ model.items(cand).T  # [P, C]
-    if history is None:
-        block = torch.zeros_like(logits, dtype=torch.bool)
-    else:  # full: the candidates are every item, so skip re-indexing the [P, n_items + 1] mask
-        block = history[rows] if loss == "full" else history[rows][:, cand]
-    block |= cand == 0  # never predict padding
-    block[torch.arange(len(y), device=y.device), label] = False
-    return F.cross_entropy(logits.float().masked_fill(block, float("-inf")), label)

@@ -24,6 +24,7 @@ import numpy as np
 from mvrec.config import StudyConfig, TrainConfig
 from recommender.data import SeqData
 from recommender.features import FeatureBank
+from recommender.presets import apply_preset
 from recommender.train import resolve_features, train
 
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -96,25 +97,6 @@ def run_cell(data: SeqData, bank: FeatureBank, cell: Cell, train_cfg: TrainConfi
         log(f"{cell.name} seed {seed}: valid HR@10 {result.valid['HR@10']:.4f}, test HR@10 "
             f"{result.test['HR@10']:.4f} (cold {result.test['cold/HR@10']:.4f}), {result.epochs} epochs")
     return rows
-
-
-def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainConfig:
-    return dataclasses.replace(train_cfg, max_epochs=study_cfg.max_epochs, batch_size=study_cfg.batch_size,
-                               lr=study_cfg.lr)
-
-
-def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,
-              out_dir: str | Path | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    out = Path(out_dir or study_cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_cfg = study_train_config(train_cfg, study_cfg)
-    rows: list[dict[str, Any]] = []
-    for cell in build_grid(bank, study_cfg.layers, study_cfg.representations):
-        rows += run_cell(data, bank, cell, train_cfg, study_cfg.seeds, out, progress, log)
-    if "replace" in study_cfg.representations and (layer := best_layer(rows)) is not None:
-        rows += run_cell(data, bank, Cell("replace", f"hidden:{layer}"), train_cfg, study_cfg.seeds, out, progress, log)
-    return write_report(rows, out, bank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,3 +242,24 @@ def plot_dff_weights(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainConfig:
+    return dataclasses.replace(apply_preset(train_cfg), max_epochs=study_cfg.max_epochs,
+                               batch_size=study_cfg.batch_size, lr=study_cfg.lr)
+
+
+def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,
+              out_dir: str | Path | None = None, progress: bool = False, log: Callable[[str], None] = print,
+              run: Callable[..., list[dict[str, Any]]] = run_cell,
+              report: Callable[..., dict[str, Any]] = write_report) -> dict[str, Any]:
+    """The whole grid. `run` and `report` default to the plain functions; the flow passes them as tasks."""
+    out = Path(out_dir or study_cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = study_train_config(train_cfg, study_cfg)
+    rows: list[dict[str, Any]] = []
+    for cell in build_grid(bank, study_cfg.layers, study_cfg.representations):
+        rows += run(data, bank, cell, train_cfg, study_cfg.seeds, out, progress, log)
+    if "replace" in study_cfg.representations and (layer := best_layer(rows)) is not None:
+        rows += run(data, bank, Cell("replace", f"hidden:{layer}"), train_cfg, study_cfg.seeds, out, progress, log)
+    return report(rows, out, bank)

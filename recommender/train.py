@@ -14,10 +14,11 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch
 from mvrec.config import TrainConfig
 from recommender.data import SeqData
 from recommender.evaluate import evaluate, history_mask
-from recommender.model import ItemEmbedding, SASRec, next_item_loss
+from recommender.losses import next_item_loss, resolve_loss
+from recommender.model import ItemEmbedding, SASRec
 
 
 @dataclass
@@ -80,6 +82,35 @@ def resolve_features(bank, cfg: TrainConfig, log=print) -> tuple[np.ndarray | No
                                  "missing_items": missing}}
 
 
+def length_batches(lengths: np.ndarray, users: np.ndarray, batch_size: int, gen: torch.Generator,
+                   bucket: int = 64) -> list[np.ndarray]:
+    """Shuffled batches of `users`, each drawn from a run of `bucket` batches sorted by sequence
+    length, so a batch's rows have similar lengths and its padding columns can be cut (see train)."""
+    order = users[torch.randperm(len(users), generator=gen).numpy()]
+    span = batch_size * bucket
+    batches = []
+    for s in range(0, len(order), span):
+        chunk = order[s:s + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def negative_distribution(data: SeqData, sampler: str) -> torch.Tensor | None:
+    """Q for the sampled loss: None (uniform) or training popularity, smoothed by +1."""
+    if sampler == "uniform":
+        return None
+    if sampler == "popularity":
+        q = torch.as_tensor(data.train_counts + 1, dtype=torch.float64)
+        q[0] = 0
+        return (q / q.sum()).float()
+    raise ValueError(f"unknown train.negative_sampler {sampler!r} (uniform | popularity)")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -88,30 +119,46 @@ def _progress(enabled: bool):
 
 
 def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, run_dir: str | Path | None = None,
-          meta: dict[str, Any] | None = None, progress: bool = True, log=print) -> RunResult:
-    """Train `cfg.representation` on `data`; `features` [n_items + 1, L, D] (or [n+1, D]) unless `id`."""
+          meta: dict[str, Any] | None = None, progress: bool = True, log=_stderr,
+          on_epoch: Callable[[int, SASRec], bool] | None = None) -> RunResult:
+    """Train `cfg.representation` on `data`; `features` [n_items + 1, L, D] (or [n+1, D]) unless `id`.
+
+    One line per epoch goes to `log` (stderr by default; a flow's logger in flows); with `progress`
+    on a terminal a Rich bar shows the batches as well. `on_epoch(epoch, model)` runs after each
+    epoch's validation (bench/games.py measures test accuracy there); True stops training."""
     started = time.perf_counter()
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    loss_name = resolve_loss(cfg.loss, data.n_items)
     run_dir = Path(run_dir or Path(cfg.out) / f"{cfg.representation}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps({
-        "train": dataclasses.asdict(cfg), "data": {"source": data.source, "n_users": data.n_users,
-                                                   "n_items": data.n_items, "dropped_users": data.n_dropped_users},
+        "train": dataclasses.asdict(cfg), "loss": loss_name,
+        "data": {"source": data.source, "n_users": data.n_users, "n_items": data.n_items,
+                 "dropped_users": data.n_dropped_users},
         **(meta or {})}, indent=2, default=str))
 
     model = build_model(cfg, data.n_items, features).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = device.type == "cuda"  # bf16 autocast on GPU only
-    train_users = np.flatnonzero((data.train_targets != 0).any(1))  # users with >= 1 training target
+    lengths = (data.train_targets != 0).sum(1)
+    train_users = np.flatnonzero(lengths)  # users with >= 1 training target
     hist_ptr, hist_idx = data.history("valid")  # = every item the model trains on, per user
+    use_seen = cfg.mask_history or loss_name == "bce"  # bce draws its negatives outside the history
+    q = negative_distribution(data, cfg.negative_sampler)
+    q = None if q is None else q.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # Validation during training: all users, or a fixed random subsample (the final metrics use all).
+    eval_data = data if not 0 < cfg.eval_users < data.n_users else data.subset(
+        np.sort(np.random.default_rng(cfg.seed).choice(data.n_users, cfg.eval_users, replace=False)))
     n_batches = -(-len(train_users) // cfg.batch_size)
+    T = data.train_inputs.shape[1]
 
     best, best_epoch, wait, epoch = -1.0, 0, 0, 0
     fields = ["epoch", "train_loss", "seconds", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
-    with open(run_dir / "metrics.csv", "w", newline="") as fh, _progress(progress) as bar:
+    show_bar = progress and sys.stderr.isatty()
+    with open(run_dir / "metrics.csv", "w", newline="") as fh, _progress(show_bar) as bar:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         task = bar.add_task(f"{cfg.representation} seed {cfg.seed}", total=cfg.max_epochs * n_batches, info="")
@@ -119,33 +166,37 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
             t0 = time.perf_counter()
             model.train()
             losses = []
-            order = train_users[torch.randperm(len(train_users), generator=gen).numpy()]
-            for b in range(n_batches):
-                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                seq = torch.as_tensor(data.train_inputs[batch], device=device)
-                tgt = torch.as_tensor(data.train_targets[batch], device=device)
-                seen = history_mask(hist_ptr, hist_idx, batch, data.n_items + 1, device) if cfg.mask_history else None
+            for batch in length_batches(lengths, train_users, cfg.batch_size, gen):
+                width = int(lengths[batch].max())  # left-padded: columns before T - width are all padding
+                seq = torch.as_tensor(data.train_inputs[batch, T - width:], device=device)
+                tgt = torch.as_tensor(data.train_targets[batch, T - width:], device=device)
+                seen = history_mask(hist_ptr, hist_idx, batch, data.n_items + 1, device) if use_seen else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = next_item_loss(model, seq, tgt, seen, cfg.loss, cfg.num_negatives)
+                    loss = next_item_loss(model, seq, tgt, seen, loss_name, cfg.num_negatives, q)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch} loss {np.mean(losses):.4f}")
-            valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+            train_s = time.perf_counter() - t0
+            valid = evaluate(model, eval_data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
                    **{f"valid_{k}": v for k, v in valid.items()}}
             writer.writerow(row)
             fh.flush()
-            bar.update(task, info=f"epoch {epoch} valid HR@10 {valid['HR@10']:.4f} (best {max(best, 0):.4f})")
-            if valid["HR@10"] > best:
+            improved = valid["HR@10"] > best
+            if improved:
                 best, best_epoch, wait = valid["HR@10"], epoch, 0
                 save_checkpoint(model, data, cfg, run_dir / "best.pt")
             else:
                 wait += 1
-                if wait >= cfg.patience:
-                    break
+            log(f"{cfg.representation} seed {cfg.seed} epoch {epoch}: loss {row['train_loss']:.4f}, valid HR@10 "
+                f"{valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}, {train_s:.1f}+{row['seconds'] - train_s:.1f} s, "
+                f"best {best:.4f} (epoch {best_epoch})")
+            bar.update(task, info=f"epoch {epoch} valid HR@10 {valid['HR@10']:.4f} (best {best:.4f})")
+            if wait >= cfg.patience or (on_epoch is not None and on_epoch(epoch, model)):
+                break
 
     model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)

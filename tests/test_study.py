@@ -8,6 +8,7 @@ import pytest
 
 from mvrec.config import StudyConfig, TrainConfig
 from recommender.features import FeatureBank
+from recommender.pipeline import FeatureSpec
 from recommender.study import Cell, aggregate, best_layer, build_grid
 from recommender.synthetic import planted
 
@@ -49,8 +50,8 @@ def test_small_study_end_to_end_through_the_flow(tmp_path, prefect_harness):
     np.save(tmp_path / "caption.npy", np.stack([feats[i][1] for i in ids[:-3]]))
 
     out = tmp_path / "study"
-    summary = study_flow(str(pairs), features=str(tmp_path / "hidden.npz"), caption_features=str(tmp_path / "caption.npy"),
-                         train_cfg=TrainConfig(dim=16, num_threads=1, patience=2),
+    spec = FeatureSpec(features=str(tmp_path / "hidden.npz"), caption_features=str(tmp_path / "caption.npy"))
+    summary = study_flow(str(pairs), spec, train_cfg=TrainConfig(dim=16, num_threads=1, patience=2),
                          study_cfg=StudyConfig(seeds=3, max_epochs=3, batch_size=64), out_dir=str(out))
 
     with open(out / "results.csv") as fh:

@@ -36,6 +36,8 @@ def demo_data_cmd(
     seed: int = typer.Option(0, "--seed", min=0, help="Same seed, same files (bytes and frames)."),
     out: Path = typer.Option(Path("./.mvrec/demo"), "--out", "-o", help="Directory to write the corpus to."),
     workers: int = typer.Option(2, "--workers", "-w", min=1, help="Encoder processes."),
+    cold_items: float = typer.Option(0.0, "--cold-items", min=0.0, max=1.0,
+                                     help="Share of users whose test item is cold (a positive control for content)."),
 ) -> None:
     """Write a synthetic MicroLens-style corpus: real videos, pairs.tsv, items.csv, corpus.json."""
     import time
@@ -50,7 +52,7 @@ def demo_data_cmd(
     with Progress(TextColumn("encoding videos"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("encode", total=videos)
-        meta = make_demo_corpus(out, videos=videos, users=users, seed=seed, workers=workers,
+        meta = make_demo_corpus(out, videos=videos, users=users, seed=seed, workers=workers, cold_test_share=cold_items,
                                 progress=lambda done, total: bar.update(task, completed=done))
     stats = meta["stats"]
     console.print(

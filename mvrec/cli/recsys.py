@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from mvrec.cli.common import app, console, err_console, get_config
+from mvrec.cli.common import app, check_store_ids, console, err_console, get_config, work_started
 
 FEATURE_HELP = "Hidden-state matrix: .npy (+ <name>.ids.txt), .npz (item_ids, features, layers) or .parquet."
 
@@ -24,22 +24,23 @@ _AS_OF = typer.Option(None, "--as-of", help="Store snapshot to read (default: th
 _SYNTHETIC_TOPICS = typer.Option(None, "--synthetic-topics", help="SYNTHETIC features from a demo corpus.json.")
 
 
-def _load(interactions: Path, cfg, features, caption_features, topics, extractor, caption_extractor, as_of,
-          layers: str = "all"):
-    from recommender.data import load_sequences
-    from recommender.features import load_features
+def _load(interactions: Path, cfg, spec, layers: str = "all"):
+    from recommender.pipeline import load_inputs
 
-    data = load_sequences(interactions, cfg.train.min_seq_len, cfg.train.max_seq_len)
-    bank = load_features(data.items, hidden=features, caption=caption_features, topics=topics,
-                         store=cfg.store.path if extractor else None, extractor=extractor,
-                         caption_extractor=caption_extractor, layers=layers, as_of=as_of,
-                         storage_options=cfg.store.storage_options)
+    data, bank = load_inputs(interactions, cfg.train, spec, cfg.store, layers)
     if bank.snapshot.get("kind") == "synthetic-topics":
         err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
                           "not LVLM features (development only).")
     console.print(f"{data.n_users} users, {data.n_items} items ({data.n_dropped_users} users with "
                   f"< {cfg.train.min_seq_len} interactions dropped) from {interactions}")
     return data, bank
+
+
+def _spec(features, caption_features, topics, extractor, caption_extractor, as_of):
+    from recommender.pipeline import FeatureSpec
+
+    paths = [p and str(p) for p in (features, caption_features, topics)]
+    return FeatureSpec(*paths, extractor=extractor, caption_extractor=caption_extractor, as_of=as_of)
 
 
 def _metrics_table(title: str, results: dict[str, dict[str, float]]) -> Table:
@@ -64,24 +65,31 @@ def train(
     caption_extractor: Optional[str] = _CAPTION_EXTRACTOR,
     as_of: Optional[str] = _AS_OF,
     synthetic_topics: Optional[Path] = _SYNTHETIC_TOPICS,
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named recipe: sasrec-games | sasrec-bce."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     dim: Optional[int] = typer.Option(None, "--dim"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="full | inbatch | sampled"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="auto | full | sampled | bce"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out/<name>)."),
 ) -> None:
     """Train one SASRec model (id / replace / fuse / dff) and report validation and test metrics."""
-    cfg = get_config(**{"train.representation": representation, "train.source": source, "train.max_epochs": epochs,
-                        "train.seed": seed, "train.lr": lr, "train.dim": dim, "train.loss": loss,
-                        "train.device": device})
+    flags = {"train.representation": representation, "train.source": source, "train.max_epochs": epochs,
+             "train.seed": seed, "train.lr": lr, "train.dim": dim, "train.loss": loss, "train.device": device,
+             "train.preset": preset}
+    cfg = get_config(**flags)
+    check_store_ids(cfg, {"--extractor": extractor, "--caption-extractor": caption_extractor}, as_of)
+    from recommender.presets import apply_preset
     from recommender.train import resolve_features, train as train_model
 
-    data, bank = _load(interactions, cfg, features, caption_features, synthetic_topics, extractor,
-                       caption_extractor, as_of)
-    matrix, meta = resolve_features(bank, cfg.train, log=lambda m: err_console.print(m, markup=False))
-    result = train_model(data, cfg.train, matrix, out, meta=meta, progress=True)
+    cfg.train = apply_preset(cfg.train, keep={k.split(".")[1] for k, v in flags.items() if v is not None})
+    data, bank = _load(interactions, cfg, _spec(features, caption_features, synthetic_topics, extractor,
+                                                caption_extractor, as_of))
+    log = lambda m: err_console.print(m, markup=False, highlight=False)  # noqa: E731
+    matrix, meta = resolve_features(bank, cfg.train, log=log)
+    work_started()
+    result = train_model(data, cfg.train, matrix, out, meta=meta, progress=True, log=log)
     console.print(_metrics_table(f"{cfg.train.representation} {'' if cfg.train.representation == 'id' else cfg.train.source}"
                                  f" — best epoch {result.best_epoch} of {result.epochs}",
                                  {"valid": result.valid, "test": result.test}))
@@ -108,24 +116,23 @@ def study(
     """Run the paper's grid (id, replace, fuse per layer, dff) and write results.csv, results.md and plots."""
     cfg = get_config(**{"study.seeds": seeds, "study.layers": layers, "study.max_epochs": epochs,
                         "study.out": str(out) if out else None})
-    args = dict(interactions=str(interactions), features=features and str(features),
-                caption_features=caption_features and str(caption_features), topics=synthetic_topics and str(synthetic_topics),
-                store=cfg.store.path if extractor else None, extractor=extractor, caption_extractor=caption_extractor,
-                as_of=as_of, train_cfg=cfg.train, study_cfg=cfg.study, out_dir=cfg.study.out)
-    if synthetic_topics:
-        err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
-                          "not LVLM features (development only).")
+    spec = _spec(features, caption_features, synthetic_topics, extractor, caption_extractor, as_of)
+    check_store_ids(cfg, {"--extractor": extractor, "--caption-extractor": caption_extractor}, as_of)
+    work_started()
     if plain:
-        from flows.study import run_plain
+        from recommender.study import run_study
 
-        summary = run_plain(**args)
+        summary = run_study(*_load(interactions, cfg, spec, cfg.study.layers), cfg.train, cfg.study, cfg.study.out)
     else:
+        if synthetic_topics:
+            err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
+                              "not LVLM features (development only).")
         from flows.runtime import configure_prefect
 
         configure_prefect(cfg.prefect)
         from flows.study import study_flow
 
-        summary = study_flow(**args)
+        summary = study_flow(str(interactions), spec, cfg.train, cfg.study, cfg.store, cfg.study.out)
     console.print(Path(summary["files"]["results_md"]).read_text(), markup=False, highlight=False)
     for name, path in summary["files"].items():
         console.print(f"{name}: {path}")

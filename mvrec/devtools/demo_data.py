@@ -122,6 +122,9 @@ class CorpusParams:
     # Share of items that are cold and how many interactions a cold item gets on average.
     cold_share: float = 0.2
     cold_interactions_per_item: float = 2.0
+    # Share of users whose last (test) item is a cold item of the previous item's topic: a
+    # positive control for content features (`mvrec demo-data --cold-items 0.3`).
+    cold_test_share: float = 0.0
     # Next item: same topic as the previous one with this probability, else from the user's mix.
     p_same_topic: float = 0.6
     # Next item is the previous item's fixed "partner" (ID-only collaborative signal).
@@ -143,6 +146,8 @@ class CorpusParams:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not 0 <= self.cold_share < 1:
             raise ValueError(f"cold_share must be in [0, 1), got {self.cold_share}")
+        if not 0 <= self.cold_test_share <= 1:
+            raise ValueError(f"cold_test_share must be in [0, 1], got {self.cold_test_share}")
         if not 0 < self.min_duration_s <= self.max_duration_s:
             raise ValueError(f"need 0 < min_duration_s <= max_duration_s, got {self.min_duration_s}, {self.max_duration_s}")
         if not 1 <= self.min_fps <= self.max_fps:
@@ -188,7 +193,7 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *stream]))
 
 
-_STREAM_TOPICS, _STREAM_VIDEO, _STREAM_USERS, _STREAM_TITLE = 1, 2, 3, 4
+_STREAM_TOPICS, _STREAM_VIDEO, _STREAM_USERS, _STREAM_TITLE, _STREAM_COLD_TEST = 1, 2, 3, 4, 5
 
 
 def assign_topics(n_items: int, n_topics: int, seed: int) -> np.ndarray:
@@ -316,6 +321,14 @@ def make_interactions(params: CorpusParams, item_topic: np.ndarray | None = None
             seen.add(item)
             prev = item
         sequences.append([i + 1 for i in seq])  # item ids are 1-based
+
+    if params.cold_test_share > 0:  # own stream: corpora without it keep their bytes
+        crng = _rng(params.seed, _STREAM_COLD_TEST)
+        for s in sequences:
+            pool = cold_by_topic.get(int(item_topic[s[-2] - 1]), []) if len(s) >= 2 else []
+            pool = [i + 1 for i in pool if i + 1 not in s]
+            if pool and crng.random() < params.cold_test_share:
+                s[-1] = int(crng.choice(pool))
 
     counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences]) - 1, minlength=n_items)
     stats = {
