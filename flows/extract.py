@@ -33,8 +33,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.plan import extractor_record, plan_work
+from flows.report import extract_markdown, publish
 from mvrec.config import load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
+from storage.quality import LayerNorms, gate_batch
 from tasks.discover import VideoRef, discover_videos, hash_videos
 from tasks.extract import (
     Batch,
@@ -129,15 +131,19 @@ class ExtractSummary:
     failed: int = 0
     transient_failed: int = 0
     lvlm_batches: int = 0
+    partial: int = 0  # stored videos decoded from fewer frames than their header promised
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # table versions this run's commits wrote
+    norms: dict[str, dict] = field(default_factory=dict)  # per-layer embedding norm statistics
 
-    def add(self, failures: list[Failure], processed: int = 0) -> None:
+    def add(self, failures: list[Failure] | list[FailureRow], processed: int = 0) -> None:
         self.processed += processed
         self.failed += len(failures)
         # A transient read error fails the run so it is retried; a model error on one video is recorded.
         self.transient_failed += sum(f.stage == "decode" and not f.permanent for f in failures)
-        self.failures += [{k: getattr(f, k) for k in ("video_id", "stage", "error_type", "message")} for f in failures]
+        self.failures += [{k: getattr(f, k) for k in ("video_id", "uri", "stage", "error_type", "message")}
+                          for f in failures]
 
 
 def failure_rows(failures: list[Failure], refs: dict[str, VideoRef], run_id: str, extractor_id: str) -> list[FailureRow]:
@@ -192,11 +198,12 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
     by_id = {r.video_id: r for r in refs + hashed}
     if unreadable:  # a file that cannot even be read stays unreadable: permanent
         read_failures = [Failure(r.video_id, r.uri, "read", "Unreadable", why, permanent=True) for r, why in unreadable]
-        commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id, run_id, eid)))
+        summary.versions.update(commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id,
+                                                                                         run_id, eid))))
         summary.add(read_failures)
 
     opts, lvlm = decode_options(cfg), LVLMStep(e.backend, extract_spec(cfg), e.batch_size, tags=[p.gpu_tag])
-    extractor_written = False
+    extractor_written, norms = False, LayerNorms()
     for batch in iter_batches(todo, None, lookahead=1, batch_size=e.commit_size, model=lvlm, decode=lambda chunk:
                               decode_task.submit(chunk, opts, e.decode_workers, p.task_retries, p.retry_delay_s)):
         if lvlm.info is not None and not extractor_written:  # the model's shape, before its first rows
@@ -204,14 +211,19 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
                                                       "num_layers": lvlm.info.num_layers}))
             extractor_written = True
         summary.lvlm_batches = lvlm.batches
-        commit_task(store, batch_rows(batch, by_id, run_id, eid))
-        summary.add(batch.failures, processed=len(batch.results))
+        # Quality gate: a NaN/Inf, wrong-size or all-zero embedding makes its video a failure row.
+        gated = gate_batch(batch_rows(batch, by_id, run_id, eid), lvlm.info.hidden_size if lvlm.info else 0, run_id)
+        norms.merge(gated.norms)
+        summary.versions.update(commit_task(store, gated.batch))
+        summary.add(batch.failures + gated.rejected, processed=len(batch.results) - len(gated.rejected))
+        summary.partial += sum(bool(v.partial) for v in gated.batch.videos)
 
-    summary.seconds = time.perf_counter() - started
+    summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
     store.finish_run(run_id, status="failed" if summary.transient_failed else "completed", counts={
         "discovered": summary.discovered, "processed": summary.processed, "failed": summary.failed,
         "skipped_done": summary.skipped_done, "skipped_broken": summary.skipped_broken,
-        "lvlm_batches": summary.lvlm_batches})
+        "partial": summary.partial, "lvlm_batches": summary.lvlm_batches}, stats={"norms": summary.norms})
+    publish("extract-features", extract_markdown(asdict(summary)), f"extract-features run {run_id}")
     log.info("run %s: %d processed, %d failed, %d skipped in %.1fs", run_id, summary.processed, summary.failed,
              summary.skipped_done + summary.skipped_broken, summary.seconds)
     if summary.transient_failed:

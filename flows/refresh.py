@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.extract import extract_features
 from flows.plan import captions_to_embed, pending_work
+from flows.report import publish, refresh_markdown
 from flows.runtime import make_task_runner
 from mvrec.config import load_config
 from storage import FeatureStore, open_store
@@ -78,6 +79,7 @@ def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None 
     if interactions:
         trained = train_recommender(config_path, overrides, interactions, eid)
     result = {"extract": summary, "captions_embedded": embedded, "train": trained, "extractor_id": eid}
+    publish("nightly-refresh", refresh_markdown(result), f"nightly-refresh of {source}")
     if extraction_failed:
         raise RuntimeError(f"extraction failed: {summary.get('error', '')}")
     return result

@@ -35,6 +35,10 @@ def failure_groups(failures: list[dict]) -> list[tuple[str, str, int, list[str]]
     return sorted(((s, e, len(p), p[:FIRST_PATHS]) for (s, e), p in groups.items()), key=lambda g: (-g[2], g[0], g[1]))
 
 
+def _counts(summary: dict) -> str:
+    return _table([label for _, label in COUNTS], [[summary.get(k, 0) for k, _ in COUNTS]])
+
+
 def extract_markdown(summary: dict) -> str:
     """The extraction run's report: counts, failures by stage and error type (first paths),
     table versions written, videos/s and per-layer embedding norms."""
@@ -43,7 +47,7 @@ def extract_markdown(summary: dict) -> str:
     text = f"# Extraction run `{summary.get('run_id', '')}`\n\n"
     text += (f"Extractor `{summary.get('extractor_id', '')}` · {seconds:.1f} s · "
              f"**{rate:.2f} videos/s** ({summary.get('lvlm_batches', 0)} model batches)\n\n")
-    text += _table([label for _, label in COUNTS], [[summary.get(k, 0) for k, _ in COUNTS]])
+    text += _counts(summary)
     groups = failure_groups(summary.get("failures") or [])
     text += "\n## Failures by stage and error type\n\n"
     text += _table(["stage", "error type", "videos", f"first {FIRST_PATHS} paths"],
@@ -58,6 +62,27 @@ def extract_markdown(summary: dict) -> str:
                        [["final" if k == "-1" else k, s.get("count", 0), *(f"{s[c]:.4g}" if c in s else "-"
                                                                           for c in ("mean", "std", "min", "max"))]
                         for k, s in sorted(norms.items(), key=lambda kv: int(kv[0]))])
+    return text
+
+
+def refresh_markdown(result: dict) -> str:
+    """The nightly refresh: what extraction did (its own run has the full report), caption vectors
+    added, and the retrained model's test metrics."""
+    ext = result.get("extract") or {}
+    text = f"# Nightly refresh\n\nExtractor `{result.get('extractor_id', '')}`\n\n"
+    if "error" in ext:
+        text += f"**Extraction failed:** {_cell(ext['error'])}\n\n"
+    else:
+        text += (f"Extraction run `{ext['run_id']}` (full report: its `extract-features` artifact)\n\n"
+                 if ext.get("run_id") else "Nothing new to extract: no extraction run.\n\n")
+        text += _counts(ext)
+    text += f"\nCaption vectors added: {result.get('captions_embedded', 0)}\n"
+    test = (result.get("train") or {}).get("test") or {}
+    if test:
+        metrics = sorted({m for v in test.values() for m in v})
+        text += "\n## Retrained recommender (test split)\n\n"
+        text += _table(["model", *metrics], [[name, *(f"{v[m]:.4f}" if m in v else "-" for m in metrics)]
+                                             for name, v in test.items()])
     return text
 
 

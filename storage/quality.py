@@ -127,8 +127,10 @@ def gate_batch(batch: ExtractionBatch, dim: int, run_id: str = "") -> GateResult
         return GateResult(batch, [], norms)
     vids = {(v, s) for v, s, _ in bad}
     uris = {(_get(r, "video_id"), _get(r, "content_sha256")): _get(r, "uri", "") for r in batch.videos}
+    # Permanent: the same video through the same model gives the same vector; a new model, dtype
+    # or prompt is a new extractor id and tries again.
     rejected = [FailureRow(video_id=v, stage=STAGE, error_type=err, message=msg, uri=uris.get((v, s)) or "",
-                           extractor_id=e, run_id=run_id, content_sha256=s)
+                           extractor_id=e, run_id=run_id, content_sha256=s, permanent=True)
                 for (v, s, e), (err, msg) in sorted(bad.items())]
     keep = dataclasses.replace(
         batch,

@@ -4,7 +4,9 @@ on loopback (stopped, with its process group, when the module's tests end)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,9 +15,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.report import extract_markdown, failure_groups, study_markdown
+from video_clips import damage_after, encode_clip
 
 SUMMARY = {
     "run_id": "20261201T020000-ab12", "extractor_id": "e" * 16, "discovered": 10, "processed": 6,
@@ -149,3 +153,138 @@ def test_a_published_report_is_read_back_from_the_server(against):
     (art,) = read_artifacts("extract-report-probe")
     assert art.type == "markdown" and str(art.flow_run_id) == str(run_id)
     assert art.data == extract_markdown(SUMMARY)
+
+
+# --- the extract and refresh flows against that server, with the test model ------------------
+
+
+class DamagingBackend:
+    """The real transformers backend (test model) whose pooled vectors are damaged after the
+    forward pass for chosen videos: a healthy model gives no NaN, Inf, zero or wrong-size vector,
+    so the damage is applied at the backend's output, the boundary the gate checks."""
+
+    name = "transformers"
+
+    def __init__(self, inner, damage):
+        self.inner, self.damage, self.info = inner, damage, inner.info
+
+    def extract(self, batch):
+        out = self.inner.extract(batch)
+        for f in out:
+            if f.video_id in self.damage:
+                f.hidden = self.damage[f.video_id](f.hidden.copy())
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
+def _nan(h):
+    h[0, 3] = np.nan  # one value of layer 0
+    return h
+
+
+def _inf(h):
+    h[-1, 0] = np.inf  # final layer
+    return h
+
+
+DAMAGE = {"1": _nan, "2": _inf, "3": lambda h: np.zeros_like(h), "4": lambda h: h[:, :-1]}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from mvrec.devtools.demo_data import make_demo_corpus
+    from mvrec.devtools.test_model import build_test_model
+
+    root = tmp_path_factory.mktemp("artifact-flows")
+    make_demo_corpus(root / "corpus", videos=8, users=20, seed=4, max_duration_s=3.0)
+    build_test_model(root / "model", layers=2)
+    good = encode_clip(root / "clip50.mp4", frames=50, fps=10)
+    damage_after(good, root / "corpus" / "videos" / "corrupted.mp4", 28)  # decord's corrupted.mp4 case
+    return root
+
+
+def _damaging(monkeypatch):
+    import flows.extract as fx
+    from tasks.lvlm import load_backend
+
+    monkeypatch.setattr(fx, "_BACKENDS", {})  # no backend cached by an earlier test
+    monkeypatch.setattr(fx, "load_backend", lambda name, spec: DamagingBackend(load_backend(name, spec), DAMAGE))
+
+
+def _overrides(corpus: Path, store: Path, **extra) -> dict:
+    return {"extract.model": str(corpus / "model"), "store.path": str(store), "extract.batch_size": 4,
+            "extract.commit_size": 8, "extract.frames": "uniform:4", **extra}
+
+
+@pytest.mark.slow
+def test_extract_run_gates_embeddings_flags_partial_and_publishes_its_report(against, corpus, tmp_path, monkeypatch):
+    from flows.extract import extract_features
+    from storage import FeatureStore
+
+    _damaging(monkeypatch)
+    summary = extract_features(str(corpus / "corpus" / "videos"), overrides=_overrides(corpus, tmp_path / "store"))
+    # 9 files: 4 damaged by the backend fail the gate, the other 5 commit (corrupted.mp4 among them, partial)
+    assert (summary["discovered"], summary["processed"], summary["failed"], summary["partial"]) == (9, 5, 4, 1)
+    store = FeatureStore(tmp_path / "store", create=False)
+    fails = {f["video_id"]: (f["stage"], f["error_type"], f["permanent"]) for f in store.failures()}
+    assert fails == {"1": ("quality", "NonFiniteEmbedding", True), "2": ("quality", "NonFiniteEmbedding", True),
+                     "3": ("quality", "ZeroNormEmbedding", True), "4": ("quality", "WrongDimension", True)}
+    assert {v for v, _ in store.completed(summary["extractor_id"])} == {"5", "6", "7", "8", "corrupted"}
+    videos = {r["video_id"]: r for r in store.read("videos").to_pylist()}
+    bad = videos["corrupted"]
+    assert bad["partial"] is True and bad["frame_count"] < 50 and bad["duration_s"] == pytest.approx(
+        bad["frame_count"] / 10)
+    assert all(r["partial"] is False for v, r in videos.items() if v != "corrupted")
+    (run,) = store.read("runs").to_pylist()
+    assert dict(run["counts"])["partial"] == 1
+    norms = json.loads(run["stats"])["norms"]
+    assert set(norms) == {"-1", "0", "1", "2"} and all(s["count"] == 5 for s in norms.values())
+
+    (art,) = read_artifacts("extract-features")
+    md = art.data
+    assert f"Extraction run `{summary['run_id']}`" in md
+    assert "| 9 | 5 | 0 | 0 | 4 | 1 |" in md  # discovered, extracted, skipped x2, failed, partial
+    assert "| quality | NonFiniteEmbedding | 2 |" in md and "| quality | ZeroNormEmbedding | 1 |" in md
+    assert "| hidden_states |" in md and "videos/s" in md and "| final | 5 |" in md
+
+    from flows.extract import extract_features as again  # a second run: nothing new, broken ones skipped
+    second = again(str(corpus / "corpus" / "videos"), overrides=_overrides(corpus, tmp_path / "store"))
+    assert (second["processed"], second["skipped_done"], second["skipped_broken"]) == (0, 5, 4)
+    newest = read_artifacts("extract-features")[0]
+    assert newest.id != art.id and "| 9 | 0 | 5 | 4 | 0 | 0 |" in newest.data
+
+
+@pytest.mark.slow
+def test_partial_videos_become_failures_under_the_switch(against, corpus, tmp_path):
+    from flows.extract import extract_features
+    from storage import FeatureStore
+
+    only = tmp_path / "one"
+    only.mkdir()
+    shutil.copy(corpus / "corpus" / "videos" / "corrupted.mp4", only / "corrupted.mp4")
+    summary = extract_features(str(only), overrides=_overrides(corpus, tmp_path / "store", **{"extract.partial": "fail"}))
+    assert (summary["processed"], summary["failed"], summary["partial"]) == (0, 1, 0)
+    (f,) = FeatureStore(tmp_path / "store", create=False).failures()
+    assert (f["stage"], f["error_type"], f["permanent"]) == ("decode", "PartialVideo", True)
+    assert "of the 50 frames the header promises" in f["message"]
+
+
+@pytest.mark.slow
+def test_refresh_publishes_its_report(against, corpus, tmp_path):
+    from flows.refresh import nightly_refresh
+
+    only = tmp_path / "two"
+    only.mkdir()
+    for v in ("5", "6"):
+        src = next((corpus / "corpus" / "videos").glob(f"{v}.*"))
+        shutil.copy(src, only / src.name)
+    ov = _overrides(corpus, tmp_path / "store")
+    result = nightly_refresh(str(only), overrides=ov)
+    (art,) = read_artifacts("nightly-refresh")[:1]
+    assert f"Extraction run `{result['extract']['run_id']}`" in art.data and "| 2 | 2 | 0 | 0 | 0 | 0 |" in art.data
+    assert f"Caption vectors added: {result['captions_embedded']}" in art.data
+    nightly_refresh(str(only), overrides=ov)  # nothing new: no extraction run, still a report
+    newest = read_artifacts("nightly-refresh")[0]
+    assert "Nothing new to extract" in newest.data and "| 2 | 0 | 2 | 0 | 0 | 0 |" in newest.data
