@@ -38,7 +38,7 @@ def _prepare(overrides: dict[str, Any]):
 def _print_summary(title: str, summary: dict) -> None:
     table = Table(title=title, show_header=False)
     for key in ("run_id", "extractor_id", "discovered", "processed", "failed", "skipped_done", "skipped_broken",
-                "lvlm_batches", "seconds"):
+                "partial", "lvlm_batches", "seconds"):
         if key in summary:
             value = summary[key]
             table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
