@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.report import publish, study_markdown
 from mvrec.config import StoreConfig, StudyConfig, TrainConfig
 from recommender import study as S
 from recommender.pipeline import FeatureSpec, load_inputs
@@ -27,4 +28,6 @@ def study_flow(interactions: str, spec: FeatureSpec | None = None, train_cfg: Tr
                out_dir: str | None = None) -> dict[str, Any]:
     train_cfg, study_cfg = train_cfg or TrainConfig(), study_cfg or StudyConfig()
     data, bank = load_inputs_task(interactions, train_cfg, spec, store, study_cfg.layers)
-    return S.run_study(data, bank, train_cfg, study_cfg, out_dir, run=run_cell_task, report=report_task)
+    result = S.run_study(data, bank, train_cfg, study_cfg, out_dir, run=run_cell_task, report=report_task)
+    publish("study", study_markdown(result), "study results table and plots")  # shown in the Prefect UI
+    return result

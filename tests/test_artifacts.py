@@ -288,3 +288,26 @@ def test_refresh_publishes_its_report(against, corpus, tmp_path):
     nightly_refresh(str(only), overrides=ov)  # nothing new: no extraction run, still a report
     newest = read_artifacts("nightly-refresh")[0]
     assert "Nothing new to extract" in newest.data and "| 2 | 0 | 2 | 0 | 0 | 0 |" in newest.data
+
+
+@pytest.mark.slow
+def test_study_publishes_its_results_table_and_plots(against, tmp_path):
+    from flows.study import study_flow
+    from mvrec.config import StudyConfig, TrainConfig
+    from recommender.pipeline import FeatureSpec
+    from recommender.synthetic import planted
+
+    seqs, feats = planted(60, 30, n_topics=4, layer_signal=(0.0, 1.0), dim=8, seed=0)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{u}\t{' '.join(s)}\n" for u, s in seqs.items()))
+    ids = list(feats)
+    np.savez(tmp_path / "hidden.npz", item_ids=np.array(ids), features=np.stack([feats[i] for i in ids]),
+             layers=np.array([0, -1]))
+    result = study_flow(str(pairs), FeatureSpec(features=str(tmp_path / "hidden.npz")),
+                        train_cfg=TrainConfig(dim=8, num_threads=1, patience=1),
+                        study_cfg=StudyConfig(seeds=1, max_epochs=1, batch_size=64, representations="id,fuse"),
+                        out_dir=str(tmp_path / "study"))
+    (art,) = read_artifacts("study")
+    assert art.data.startswith("# Study results") and "| fuse hidden:0 |" in art.data
+    assert f"| hr10_by_layer | {result['files']['hr10_by_layer']} |" in art.data
+    assert (tmp_path / "study" / "results.md").read_text() in art.data
