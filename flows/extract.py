@@ -196,8 +196,11 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
     log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
              counts["done"], counts["known_broken"], len(unreadable))
     by_id = {r.video_id: r for r in refs + hashed}
-    if unreadable:  # a file that cannot even be read stays unreadable: permanent
-        read_failures = [Failure(r.video_id, r.uri, "read", "Unreadable", why, permanent=True) for r, why in unreadable]
+    if unreadable:
+        # Recorded again by every run's hash step; not permanent, so the planner takes the file
+        # as soon as it can be read (an unreadable file has no content hash to be known broken by).
+        read_failures = [Failure(r.video_id, r.uri, "read", why.split(":")[0] if r.problem else "Unreadable", why,
+                                 permanent=False) for r, why in unreadable]
         summary.versions.update(commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id,
                                                                                          run_id, eid))))
         summary.add(read_failures)

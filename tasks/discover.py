@@ -7,12 +7,20 @@ A source is one of:
   `video_id` column); relative paths are relative to the manifest's folder;
 - a list of paths / URIs given directly.
 URIs other than local paths (s3://, gs://, https://, ...) are read through fsspec.
+
+Every path found ends as a ref. One that cannot be processed carries a `problem` ("Kind: why"), and
+the flow turns it into a permanent failure row: a file name that is not valid UTF-8 (its id and
+uri keep the raw bytes, escaped as \\xNN), a dangling symlink, a symlink loop, a directory symlink
+that points back to one of its parents (not followed), a directory that cannot be listed, a
+manifest line naming a missing file. Symlinks to directories elsewhere are followed.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +36,7 @@ class VideoRef:
     uri: str  # absolute local path or a URI
     bytes: int = -1
     content_sha256: str = ""
+    problem: str = ""  # "Kind: why" when the path cannot be processed (see the module docstring)
 
 
 def _is_remote(uri: str) -> bool:
@@ -38,11 +47,56 @@ def _local(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def escape_name(text: str) -> str:
+    """A path as valid UTF-8: bytes that are not (os.fsdecode's surrogates) become \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _file_ref(video_id: str, path: Path) -> VideoRef:
+    """A ref for a local video file, with a problem when it cannot be read as one."""
+    if escape_name(str(path)) != str(path):
+        return VideoRef(escape_name(video_id), escape_name(str(path)),
+                        problem="UndecodableName: file name is not valid UTF-8 (bytes shown as \\xNN)")
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        kind = "DanglingSymlink" if path.is_symlink() else "MissingFile"
+        why = f"{path} -> {os.readlink(path)} does not exist" if path.is_symlink() else f"{path} does not exist"
+        return VideoRef(video_id, str(path), problem=f"{kind}: {why}")
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop
+        if isinstance(e, RuntimeError) or e.errno == errno.ELOOP:
+            return VideoRef(video_id, str(path), problem=f"SymlinkLoop: {path} is a symlink loop")
+        return VideoRef(video_id, str(path), problem=f"{type(e).__name__}: {e}")
+    return VideoRef(video_id=video_id, uri=str(resolved))
+
+
 def _from_directory(root: Path) -> list[VideoRef]:
-    refs = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
-        video_id = path.relative_to(root).with_suffix("").as_posix()
-        refs.append(VideoRef(video_id=video_id, uri=str(path.resolve())))
+    """Video files below root in sorted path order, following directory symlinks but never into one
+    of their own parents."""
+    refs: list[VideoRef] = []
+
+    def rel(p: Path) -> str:
+        return p.relative_to(root).as_posix()
+
+    def walk(folder: Path, parents: frozenset[str]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            refs.append(VideoRef(rel(folder), str(folder), problem=f"UnreadableDirectory: {e}"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if path.is_dir():  # follows symlinks; False for a dangling link or a loop
+                real = os.path.realpath(path)
+                if real in parents:
+                    refs.append(VideoRef(rel(path), str(path),
+                                         problem=f"SymlinkLoop: {path} -> {real} is one of its parents, not followed"))
+                else:
+                    walk(path, parents | {real})
+            elif path.suffix.lower() in VIDEO_EXTENSIONS:
+                refs.append(_file_ref(path.relative_to(root).with_suffix("").as_posix(), path))
+
+    walk(root, frozenset({os.path.realpath(root)}))
     return refs
 
 
@@ -50,18 +104,22 @@ def _video_id_from_uri(uri: str) -> str:
     return Path(uri.rstrip("/").rsplit("/", 1)[-1]).stem
 
 
-def _resolve(entry: str, base: Path) -> str:
+def _resolve(entry: str, base: Path, video_id: str | None = None) -> VideoRef:
+    """A ref for one entry of a manifest or a path list (relative to `base`)."""
     if _is_remote(entry):
-        return entry
+        return VideoRef(video_id or _video_id_from_uri(entry), entry)
     path = Path(_local(entry)).expanduser()
-    return str((path if path.is_absolute() else base / path).resolve())
+    path = path if path.is_absolute() else base / path
+    return _file_ref(video_id or path.stem, Path(os.path.abspath(path)))
 
 
 def _from_manifest(manifest: Path) -> list[VideoRef]:
+    """Refs for a manifest's entries; a missing local file is a ref whose problem names the line."""
     base = manifest.parent
-    refs: list[VideoRef] = []
-    if manifest.suffix.lower() == ".csv":
-        with manifest.open(newline="") as fh:
+    entries: list[tuple[int, str, str | None]] = []  # (line, path or URI, video_id)
+    # surrogateescape: a path that is not valid UTF-8 becomes an UndecodableName ref, not a crash.
+    with manifest.open(newline="", errors="surrogateescape") as fh:
+        if manifest.suffix.lower() == ".csv":
             reader = csv.DictReader(fh)
             column = next((c for c in ("uri", "file", "path") if c in (reader.fieldnames or [])), None)
             if column is None:
@@ -70,24 +128,24 @@ def _from_manifest(manifest: Path) -> list[VideoRef]:
                 entry = (row.get(column) or "").strip()
                 if not entry:
                     raise ValueError(f"{manifest}:{line_no}: empty {column!r}")
-                uri = _resolve(entry, base)
-                refs.append(VideoRef(video_id=(row.get("video_id") or "").strip() or _video_id_from_uri(uri), uri=uri))
-    else:
-        for line in manifest.read_text().splitlines():
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                uri = _resolve(entry, base)
-                refs.append(VideoRef(video_id=_video_id_from_uri(uri), uri=uri))
-    return refs
+                entries.append((line_no, entry, (row.get("video_id") or "").strip() or None))
+        else:
+            for line_no, line in enumerate(fh.read().splitlines(), start=1):
+                if line.strip() and not line.strip().startswith("#"):
+                    entries.append((line_no, line.strip(), None))
+    refs = [_resolve(entry, base, video_id) for _, entry, video_id in entries]
+    return [replace(r, problem=f"{r.problem} (named on {manifest}:{line})") if r.problem else r
+            for r, (line, _, _) in zip(refs, entries)]
 
 
 def discover_videos(source: str | Path | Sequence[str]) -> list[VideoRef]:
-    """All videos named by a directory, a manifest file, or a list of paths/URIs, in stable order.
+    """All videos named by a directory, a manifest file, or a list of paths/URIs, in stable order;
+    paths that cannot be processed are refs with a `problem`.
 
     Raises FileNotFoundError naming the source, or ValueError for duplicate video ids.
     """
     if isinstance(source, (list, tuple)):
-        refs = [VideoRef(video_id=_video_id_from_uri(u), uri=_resolve(str(u), Path.cwd())) for u in source]
+        refs = [_resolve(str(u), Path.cwd()) for u in source]
     else:
         text = str(source)
         path = Path(_local(text)).expanduser()
@@ -96,11 +154,11 @@ def discover_videos(source: str | Path | Sequence[str]) -> list[VideoRef]:
         elif path.is_dir():
             refs = _from_directory(path)
         elif path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
-            refs = [VideoRef(video_id=path.stem, uri=str(path.resolve()))]
+            refs = [_resolve(text, Path.cwd())]
         elif path.is_file():
             refs = _from_manifest(path)
         else:
-            raise FileNotFoundError(f"video source not found: {text}")
+            raise FileNotFoundError(f"video source not found: {escape_name(text)}")
     seen: dict[str, str] = {}
     for ref in refs:
         if ref.video_id in seen:
@@ -131,13 +189,15 @@ def hash_video(ref: VideoRef) -> VideoRef:
 def hash_videos(refs: Iterable[VideoRef], workers: int = 4) -> tuple[list[VideoRef], list[tuple[VideoRef, str]]]:
     """Hash many files in a small thread pool (hashlib releases the GIL).
 
-    Returns (hashed refs, [(ref, reason)] for files that could not be read).
+    Returns (hashed refs, [(ref, reason)] for files that could not be read, or refs with a problem).
     """
     refs = list(refs)
     hashed: list[VideoRef] = []
     unreadable: list[tuple[VideoRef, str]] = []
 
     def one(ref: VideoRef):
+        if ref.problem:  # found but not processable: recorded as a failure, never opened
+            return ref, ref.problem
         try:
             return hash_video(ref), None
         except OSError as e:
