@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_bad_arguments_name_themselves(tmp_path):
         build_test_model(tmp_path, arch="llama")
     with pytest.raises(ValueError, match="heads"):
         build_test_model(tmp_path, hidden=130)
+
+
+def test_two_copies_of_the_import_hook_do_not_call_each_other_forever():
+    """A second copy of the hook (another import of the module, e.g. an older install's .pth) next to
+    this one: each must skip the other when it looks for the real spec."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_compat_copy", torch_compat.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    torch_compat.install()
+    finder = copy._CompatFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        found = finder.find_spec("torchvision")
+        assert found is not None and found.name == "torchvision"
+        copy.install()  # idempotent across copies too
+        assert sum(type(f).__name__ == "_CompatFinder" for f in sys.meta_path) == 2
+    finally:
+        sys.meta_path.remove(finder)

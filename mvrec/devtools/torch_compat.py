@@ -102,7 +102,9 @@ class _CompatFinder(importlib.abc.MetaPathFinder):
         if fullname not in self.NAMES:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            # Skip every copy of this hook (another import of the module, an older install's), not
+            # only this one: two copies would otherwise call each other forever.
+            if _is_compat_finder(finder) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -112,9 +114,13 @@ class _CompatFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _is_compat_finder(finder) -> bool:
+    return type(finder).__name__ == _CompatFinder.__name__
+
+
 def install() -> None:
     """Add the import hook to this process (idempotent)."""
-    if not any(isinstance(f, _CompatFinder) for f in sys.meta_path):
+    if not any(_is_compat_finder(f) for f in sys.meta_path):
         sys.meta_path.insert(0, _CompatFinder())
 
 
