@@ -189,37 +189,39 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
                              params={"source": source, "only_failed": only_failed, **(overrides or {})})
     summary = ExtractSummary(run_id=run_id, extractor_id=eid)
 
-    refs = discover_task(source)
-    hashed, unreadable = hash_task(refs)
-    todo, counts = plan_work(hashed, store.completed(eid), store.failures(eid), only_failed=only_failed)
-    summary.discovered, summary.skipped_done, summary.skipped_broken = len(refs), counts["done"], counts["known_broken"]
-    log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
-             counts["done"], counts["known_broken"], len(unreadable))
-    by_id = {r.video_id: r for r in refs + hashed}
-    if unreadable:
-        # Recorded again by every run's hash step; not permanent, so the planner takes the file
-        # as soon as it can be read (an unreadable file has no content hash to be known broken by).
-        read_failures = [Failure(r.video_id, r.uri, "read", why.split(":")[0] if r.problem else "Unreadable", why,
-                                 permanent=False) for r, why in unreadable]
-        summary.versions.update(commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id,
-                                                                                         run_id, eid))))
-        summary.add(read_failures)
+    with store.failing_run(run_id):  # an exception (disk full, a bug) ends the run `failed`, not `running`
+        refs = discover_task(source)
+        hashed, unreadable = hash_task(refs)
+        todo, counts = plan_work(hashed, store.completed(eid), store.failures(eid), only_failed=only_failed)
+        summary.discovered, summary.skipped_done = len(refs), counts["done"]
+        summary.skipped_broken = counts["known_broken"]
+        log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
+                 counts["done"], counts["known_broken"], len(unreadable))
+        by_id = {r.video_id: r for r in refs + hashed}
+        if unreadable:
+            # Recorded again by every run's hash step; not permanent, so the planner takes the file
+            # as soon as it can be read (an unreadable file has no content hash to be known broken by).
+            read_failures = [Failure(r.video_id, r.uri, "read", why.split(":")[0] if r.problem else "Unreadable", why,
+                                     permanent=False) for r, why in unreadable]
+            summary.versions.update(commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id,
+                                                                                             run_id, eid))))
+            summary.add(read_failures)
 
-    opts, lvlm = decode_options(cfg), LVLMStep(e.backend, extract_spec(cfg), e.batch_size, tags=[p.gpu_tag])
-    extractor_written, norms = False, LayerNorms()
-    for batch in iter_batches(todo, None, lookahead=1, batch_size=e.commit_size, model=lvlm, decode=lambda chunk:
-                              decode_task.submit(chunk, opts, e.decode_workers, p.task_retries, p.retry_delay_s)):
-        if lvlm.info is not None and not extractor_written:  # the model's shape, before its first rows
-            store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": lvlm.info.hidden_size,
-                                                      "num_layers": lvlm.info.num_layers}))
-            extractor_written = True
-        summary.lvlm_batches = lvlm.batches
-        # Quality gate: a NaN/Inf, wrong-size or all-zero embedding makes its video a failure row.
-        gated = gate_batch(batch_rows(batch, by_id, run_id, eid), lvlm.info.hidden_size if lvlm.info else 0, run_id)
-        norms.merge(gated.norms)
-        summary.versions.update(commit_task(store, gated.batch))
-        summary.add(batch.failures + gated.rejected, processed=len(batch.results) - len(gated.rejected))
-        summary.partial += sum(bool(v.partial) for v in gated.batch.videos)
+        opts, lvlm = decode_options(cfg), LVLMStep(e.backend, extract_spec(cfg), e.batch_size, tags=[p.gpu_tag])
+        extractor_written, norms = False, LayerNorms()
+        for batch in iter_batches(todo, None, lookahead=1, batch_size=e.commit_size, model=lvlm, decode=lambda chunk:
+                                  decode_task.submit(chunk, opts, e.decode_workers, p.task_retries, p.retry_delay_s)):
+            if lvlm.info is not None and not extractor_written:  # the model's shape, before its first rows
+                store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": lvlm.info.hidden_size,
+                                                          "num_layers": lvlm.info.num_layers}))
+                extractor_written = True
+            summary.lvlm_batches = lvlm.batches
+            # Quality gate: a NaN/Inf, wrong-size or all-zero embedding makes its video a failure row.
+            gated = gate_batch(batch_rows(batch, by_id, run_id, eid), lvlm.info.hidden_size if lvlm.info else 0, run_id)
+            norms.merge(gated.norms)
+            summary.versions.update(commit_task(store, gated.batch))
+            summary.add(batch.failures + gated.rejected, processed=len(batch.results) - len(gated.rejected))
+            summary.partial += sum(bool(v.partial) for v in gated.batch.videos)
 
     summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
     store.finish_run(run_id, status="failed" if summary.transient_failed else "completed", counts={

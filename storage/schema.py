@@ -27,7 +27,9 @@ import pyarrow as pa
 # 3: videos.frame_count and videos.partial (a video decoded from fewer frames than its header
 #    promised); runs.stats (JSON: per-layer embedding norm statistics); failures.permanent.
 #    Upgraded the same way.
-SCHEMA_VERSION = 3
+# 4: runs.owner (JSON: host, pid and process start time of the process running it), so a later
+#    run can mark a run whose process is gone as `abandoned`. Upgraded the same way.
+SCHEMA_VERSION = 4
 
 TS = pa.timestamp("us", tz="UTC")
 EMBEDDING = pa.list_(pa.float32())
@@ -155,17 +157,18 @@ RUNS = TableSpec(
         ("extractor_id", pa.string()),
         ("started", TS),
         ("finished", TS),  # null while running
-        ("status", pa.string()),  # running | completed | failed | partial
+        ("status", pa.string()),  # running | completed | failed | abandoned (its process is gone)
         ("counts", COUNTS),  # e.g. {"ok": 10, "failed": 1, "skipped": 3}
         ("params", pa.string()),  # JSON: the effective config of the run
         ("snapshot", pa.string()),  # JSON {table: version} at finish_run
         ("message", pa.string()),
         ("stats", pa.string()),  # v3. JSON, e.g. {"norms": {layer: {count, mean, std, min, max}}}
+        ("owner", pa.string()),  # v4. JSON {"host", "pid", "pid_started"}: who runs it (storage.runs)
     ]),
     key=("run_id",),
     keep_on_update=("started",),
     doc="One row per flow run.",
-    added_columns=(("stats", 3),),
+    added_columns=(("stats", 3), ("owner", 4)),
 )
 
 SNAPSHOTS = TableSpec(

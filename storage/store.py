@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 from storage.arrow import conform, key_strings, to_arrow, vector_rows, video_extractor_pairs
 from storage.delta import DeltaTables
 from storage.records import AsOf, ExtractionBatch, ExtractorRecord, FeatureMatrix, MissingItemsError
+from storage.runs import describe, owner_gone, process_owner
 from storage.schema import ALL_TABLES, DATA_TABLES, PIN_ORDER
 
 
@@ -211,13 +213,42 @@ class FeatureStore(DeltaTables):
 
     def start_run(self, flow: str, extractor_id: str = "", params: Mapping[str, Any] | None = None,
                   run_id: str | None = None) -> str:
-        """Record a run as `running`. Returns its run_id (generated when not given)."""
+        """Record a run as `running`, owned by this process, after marking the runs whose process
+        is gone as abandoned. Returns its run_id (generated when not given)."""
+        self.mark_abandoned()
         run_id = run_id or f"{utcnow():%Y%m%dT%H%M%S}-{os.urandom(4).hex()}"
         self.upsert(ALL_TABLES["runs"], [{
             "run_id": run_id, "flow": flow, "extractor_id": extractor_id, "started": utcnow(),
             "status": "running", "counts": {}, "params": json.dumps(dict(params or {}), sort_keys=True, default=str),
+            "owner": process_owner(),
         }])
         return run_id
+
+    def mark_abandoned(self) -> list[str]:
+        """Runs still `running` whose process is gone (storage/runs.py) become `abandoned`, with
+        `finished` = when this found them. Returns their run_ids."""
+        t = self.read("runs")
+        rows = [r for r in t.filter(pc.equal(t.column("status"), "running")).to_pylist() if owner_gone(r["owner"])]
+        now = utcnow()
+        for r in rows:
+            r.update(status="abandoned", finished=now,
+                     message=f"abandoned: {describe(r['owner'])} was gone when found at {now:%Y-%m-%d %H:%M:%S} UTC")
+        if rows:
+            self.upsert(ALL_TABLES["runs"], rows)
+        return [r["run_id"] for r in rows]
+
+    @contextmanager
+    def failing_run(self, run_id: str) -> Iterator[None]:
+        """An exception inside (a full disk, a bug, Ctrl-C) ends the run `failed` with its message,
+        then goes on. If even that write fails, the next start marks the run abandoned."""
+        try:
+            yield
+        except BaseException as e:
+            try:
+                self.finish_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
+            except Exception as also:  # noqa: BLE001 - the first error is the one to raise
+                e.add_note(f"the run could not be marked failed: {type(also).__name__}: {also}")
+            raise
 
     def finish_run(self, run_id: str, status: str = "completed", counts: Mapping[str, int] | None = None,
                    message: str = "", stats: Mapping[str, Any] | None = None) -> dict[str, int]:

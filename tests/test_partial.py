@@ -71,7 +71,7 @@ def test_v2_videos_and_runs_tables_are_upgraded_in_place(tmp_path):
     root = tmp_path / "store"
     FeatureStore(root)
     v2 = {}
-    for name, added in (("videos", {"frame_count", "partial"}), ("runs", {"stats"})):
+    for name, added in (("videos", {"frame_count", "partial"}), ("runs", {"stats", "owner"})):
         v2[name] = pa.schema([f for f in ALL_TABLES[name].schema if f.name not in added])
         shutil.rmtree(root / name)
         DeltaTable.create(str(root / name), v2[name], name=name, description=f"mvrec {name} schema v2")

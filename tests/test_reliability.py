@@ -1,0 +1,70 @@
+"""Runs that crash are marked, runs that fail say so, and no process outlives its test.
+
+The processes here are real: a writer that SIGKILLs itself, an ephemeral Prefect API server whose
+parent is SIGKILLed. `no_orphans` fails a test if any process it started survives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from storage import FeatureStore
+from storage.runs import owner_gone, process_owner
+
+
+def _runs(store: FeatureStore) -> dict[str, dict]:
+    return {r["run_id"]: r for r in store.read("runs").to_pylist()}
+
+
+def test_a_killed_run_is_marked_abandoned_by_the_next_start(tmp_path):
+    # A real crash: the writer records its run, then SIGKILLs itself (no finally, no atexit).
+    script = textwrap.dedent(f"""
+        import os, signal
+        from storage import FeatureStore
+        FeatureStore({str(tmp_path / 'store')!r}).start_run("extract-features", run_id="killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    rc = subprocess.run([sys.executable, "-c", script], timeout=120).returncode
+    assert rc == -signal.SIGKILL
+    store = FeatureStore(str(tmp_path / "store"))
+    assert _runs(store)["killed"]["status"] == "running"
+    assert owner_gone(_runs(store)["killed"]["owner"])
+
+    store.start_run("extract-features", run_id="next")
+    runs = _runs(store)
+    assert runs["killed"]["status"] == "abandoned"
+    # Found by the next start, before that run's own row was written.
+    assert runs["killed"]["started"] <= runs["killed"]["finished"] <= runs["next"]["started"]
+    assert runs["killed"]["message"].startswith("abandoned: process ") and "was gone when found at" in runs[
+        "killed"]["message"]
+    assert runs["next"]["status"] == "running"  # this process is alive: never marked
+    assert store.mark_abandoned() == []
+
+
+def test_a_reused_pid_or_another_host_is_told_apart(tmp_path):
+    me = json.loads(process_owner())
+    assert not owner_gone(process_owner())
+    # The same pid with another start time is a newer process that reused the pid: the run's is gone.
+    assert owner_gone(json.dumps({**me, "pid_started": me["pid_started"] - 100}))
+    # A run of another host cannot be checked from here: left alone. No owner (older rows): left alone.
+    assert not owner_gone(json.dumps({**me, "host": me["host"] + "-elsewhere", "pid": 2**22 + 7}))
+    assert not owner_gone(None)
+
+
+def test_an_exception_inside_a_run_ends_it_failed(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    run_id = store.start_run("extract-features")
+    with pytest.raises(OSError, match="No space left"):
+        with store.failing_run(run_id):
+            raise OSError(28, "No space left on device")
+    row = _runs(store)[run_id]
+    assert row["status"] == "failed" and row["finished"] is not None
+    assert row["message"] == "OSError: [Errno 28] No space left on device"
