@@ -52,7 +52,7 @@ def status_cmd(
               title_justify="left")
     for r in s["runs"]:
         style = {"completed": "green", "failed": "red", "running": "yellow"}.get(r["status"], "")
-        t.add_row(r["started"], r["flow"], f"[{style}]{r['status']}[/]" if style else r["status"],
+        t.add_row(r["started"][:19].replace("T", " "), r["flow"], f"[{style}]{r['status']}[/]" if style else r["status"],
                   "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s", _counts(r["counts"]))
     console.print(t)
 
@@ -67,7 +67,7 @@ def status_cmd(
     for e in s["extractors"]:
         last = e["last_run"]
         t.add_row(e["extractor_id"], e["model"], str(e["dim"]), str(len(e["layers"])), str(e["videos_done"]),
-                  str(e["partial"]), f"{last['finished']} {last['status']}" if last else "-",
+                  str(e["partial"]), f"{last['finished'][:16].replace('T', ' ')} {last['status']}" if last else "-",
                   e["newest_tag"] or "-", ", ".join(e["tags"][1:4]) + (" …" if len(e["tags"]) > 4 else ""))
     console.print(t)
 
