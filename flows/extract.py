@@ -201,8 +201,10 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
         if unreadable:
             # Recorded again by every run's hash step; not permanent, so the planner takes the file
             # as soon as it can be read (an unreadable file has no content hash to be known broken by).
-            read_failures = [Failure(r.video_id, r.uri, "read", why.split(":")[0] if r.problem else "Unreadable", why,
-                                     permanent=False) for r, why in unreadable]
+            # A problem found by discovery is "Kind: why" (tasks/discover.py).
+            read_failures = [Failure(r.video_id, r.uri, "read", *(why.split(": ", 1) if r.problem else
+                                                                  ("Unreadable", why)), permanent=False)
+                             for r, why in unreadable]
             summary.versions.update(commit_task(store, ExtractionBatch(failures=failure_rows(read_failures, by_id,
                                                                                              run_id, eid))))
             summary.add(read_failures)

@@ -68,6 +68,7 @@ def pending_work(cfg: Config, source: str, only_failed: bool = False) -> dict:
     hashed, unreadable = hash_videos(refs)
     eid = extractor_record(cfg).extractor_id
     store = open_store(cfg.store)
+    store.mark_abandoned()  # the next start after a crash, even one with nothing new to do
     failures = store.failures(eid)
     todo, counts = plan_work(hashed, store.completed(eid), failures, only_failed=only_failed)
     to_embed = len(captions_to_embed(store, eid, cfg.extract.text_model))

@@ -49,19 +49,23 @@ def train_recommender(config_path: str | None, overrides: dict[str, Any] | None,
 
 @flow(name="nightly-refresh", log_prints=True)
 def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None = None,
-                    interactions: str | None = None, config_path: str | None = None) -> dict:
+                    interactions: str | None = None, config_path: str | None = None, only_failed: bool = False
+                    ) -> dict:
     """Extract what is new or changed under `source`, embed new captions, and retrain if
-    `interactions` (a MicroLens pairs file) is given. Defaults come from [refresh] in the config."""
+    `interactions` (a MicroLens pairs file) is given. Defaults come from [refresh] in the config.
+    only_failed: extract only the videos with open failures and embed their captions, no retraining
+    (`mvrec rerun-failed`)."""
     log = get_run_logger()
     cfg = load_config(config_path, overrides=overrides)
     source = source or cfg.refresh.source
-    interactions = interactions if interactions is not None else cfg.refresh.interactions
-    work = pending_work(cfg, source)
+    interactions = None if only_failed else interactions if interactions is not None else cfg.refresh.interactions
+    work = pending_work(cfg, source, only_failed=only_failed)
     eid = work["extractor_id"]
     extraction_failed = False
     if work["to_extract"] or work["unreadable"]:
         extract = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
-        state = extract(source, overrides=overrides, config_path=config_path, return_state=True)
+        state = extract(source, overrides=overrides, only_failed=only_failed, config_path=config_path,
+                        return_state=True)
         extraction_failed = state.is_failed()
         summary = state.result(raise_on_failure=False)
         if isinstance(summary, BaseException):

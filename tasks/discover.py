@@ -54,6 +54,7 @@ def escape_name(text: str) -> str:
 
 def _file_ref(video_id: str, path: Path) -> VideoRef:
     """A ref for a local video file, with a problem when it cannot be read as one."""
+    path = Path(os.path.abspath(path))
     if escape_name(str(path)) != str(path):
         return VideoRef(escape_name(video_id), escape_name(str(path)),
                         problem="UndecodableName: file name is not valid UTF-8 (bytes shown as \\xNN)")
@@ -110,7 +111,7 @@ def _resolve(entry: str, base: Path, video_id: str | None = None) -> VideoRef:
         return VideoRef(video_id or _video_id_from_uri(entry), entry)
     path = Path(_local(entry)).expanduser()
     path = path if path.is_absolute() else base / path
-    return _file_ref(video_id or path.stem, Path(os.path.abspath(path)))
+    return _file_ref(video_id or path.stem, path)
 
 
 def _from_manifest(manifest: Path) -> list[VideoRef]:

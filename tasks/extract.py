@@ -84,7 +84,7 @@ def decode_one(ref: VideoRef, opts: DecodeOptions, retries: int = 0, retry_delay
     """The video, or its Failure. Transient errors are retried with exponential backoff."""
     t0 = time.perf_counter()
     if ref.problem:  # found by discovery but not a readable file (tasks/discover.py)
-        return Failure(ref.video_id, ref.uri, "read", ref.problem.split(":")[0], ref.problem, permanent=True), 0.0
+        return Failure(ref.video_id, ref.uri, "read", *ref.problem.split(": ", 1), permanent=True), 0.0
     for attempt in range(retries + 1):
         try:
             video = decode(local_copy(ref.uri, opts.cache_dir), policy=opts.policy, max_frames=opts.max_frames,

@@ -73,6 +73,11 @@ def test_refresh_then_nothing_new_then_rerun_failed(tmp_path):
     assert "processed" in rerun.stdout and " 1 " in rerun.stdout.split("processed", 1)[1].splitlines()[0] + " "
     query = _run(["query", "SELECT count(DISTINCT video_id) AS n FROM hidden_states", "--format", "json"], env)
     assert json.loads(query.stdout)[0]["n"] == 5
+    # The repaired video's caption is embedded too (issue 16, item 8).
+    assert "captions embedded: 1" in rerun.stdout
+    query = _run(["query", "SELECT count(*) AS n, count(text_embedding) AS embedded FROM captions",
+                  "--format", "json"], env)
+    assert json.loads(query.stdout) == [{"n": 5, "embedded": 5}]
 
 
 def _free_port() -> int:
@@ -99,7 +104,8 @@ def test_serve_registers_the_nightly_deployment_on_a_real_server(tmp_path):
     server_env = {**_env(tmp_path), "PREFECT_HOME": str(tmp_path / "server-home"),
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own group: stopping it stops its uvicorn too
     serve = None
     try:
         deadline = time.time() + 120
@@ -113,7 +119,7 @@ def test_serve_registers_the_nightly_deployment_on_a_real_server(tmp_path):
             pytest.fail("prefect server did not become healthy in 120 s")
         serve = subprocess.Popen([MVREC, "serve", str(tmp_path), "--cron", "0 2 * * *"],
                                  env=_env(tmp_path, PREFECT_API_URL=api), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deployments = []
         deadline = time.time() + 120
         while time.time() < deadline and not deployments:
@@ -126,9 +132,11 @@ def test_serve_registers_the_nightly_deployment_on_a_real_server(tmp_path):
         assert dep["parameters"]["source"] == str(tmp_path)
     finally:
         for proc in (serve, server):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            if proc is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):  # the group: no child outlives it
                 try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass

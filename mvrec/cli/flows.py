@@ -85,6 +85,9 @@ def refresh(
                           f"{work['extractor_id']}, {work['known_broken']} with recorded failures "
                           "(see `mvrec rerun-failed`); use --always to run the flow anyway")
             return
+    from flows.runtime import start_api
+
+    start_api()  # before Prefect is imported; a server that dies with this process
     from flows.refresh import nightly_refresh
 
     work_started()
@@ -108,22 +111,24 @@ def rerun_failed(
     backend: Optional[str] = _BACKEND,
     store: Optional[str] = _STORE,
 ) -> None:
-    """Reprocess only the videos with open failures for the configured extractor."""
+    """Reprocess only the videos with open failures for the configured extractor, and embed their captions."""
     overrides = _overrides(model=model, backend=backend, store=store)
     cfg = _prepare(overrides)
     source = source or cfg.refresh.source
-    from flows.extract import extract_features
-    from flows.runtime import make_task_runner
+    from flows.runtime import start_api
 
-    flow = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
+    start_api()  # before Prefect is imported; a server that dies with this process
+    from flows.refresh import nightly_refresh
+
     work_started()
-    state = flow(source, overrides=overrides, only_failed=True, return_state=True,
-                             config_path=str(_state["config_path"]) if _state["config_path"] else None)
-    summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BaseException):
-        err_console.print(f"error: {summary}", markup=False, soft_wrap=True)
+    state = nightly_refresh(source, overrides=overrides, only_failed=True, return_state=True,
+                            config_path=str(_state["config_path"]) if _state["config_path"] else None)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        err_console.print(f"error: {result}", markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    _print_summary("rerun-failed", summary)
+    _print_summary("rerun-failed", result["extract"])
+    console.print(f"captions embedded: {result['captions_embedded']}")
 
 
 @app.command()
@@ -164,9 +169,10 @@ def demo(
 ) -> None:
     """The whole pipeline end to end on embedded defaults: corpus, test model, extract, store, train, report."""
     cfg = get_config()
-    from flows.runtime import configure_prefect
+    from flows.runtime import configure_prefect, start_api
 
     configure_prefect(cfg.prefect)
+    start_api()  # before Prefect is imported; a server that dies with this process
     from flows.demo import run_demo
 
     work_started()
