@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 LOSSES = ("auto", "full", "sampled", "bce")
 # `auto` takes the exact full softmax up to this many items, the sampled one above (see docs/recommender.md).
-AUTO_FULL_MAX_ITEMS = 50_000
+AUTO_FULL_MAX_ITEMS = 10_000
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk of the full softmax: 16 MB of float32
 
 
