@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -156,46 +155,54 @@ def test_transient_failure_after_retries_fails_the_run_and_rerun_failed_fixes_it
     assert set(per_layer.values()) == {3} and dupes == 0 and failures == []
 
 
-KILL_SCRIPT = textwrap.dedent("""
-    import sys
-    from flows.runtime import configure_prefect
-    from mvrec.config import PrefectConfig
-    configure_prefect(PrefectConfig(home=sys.argv[3]))
-    from flows.extract import extract_features
-    extract_features(sys.argv[1], overrides=eval(sys.argv[2]))
-""")
+MVREC = str(Path(sys.executable).with_name("mvrec"))
 
 
-def test_killed_flow_is_followed_by_a_complete_run(prefect_harness, corpus, tmp_path):
+def _wait_for(marker: Path, proc: subprocess.Popen, log: Path) -> None:
+    """Until the writer is paused at its pause point (it wrote `marker`); fails if it exits first.
+    No deadline here: pytest-timeout bounds the test."""
+    while not marker.exists():
+        assert proc.poll() is None, f"mvrec exited ({proc.returncode}) before its pause point: {log.read_text()[-2000:]}"
+        time.sleep(0.05)  # polling interval only; nothing is asserted on time
+
+
+def test_killed_flow_is_followed_by_a_complete_run(prefect_harness, corpus, tmp_path, no_orphans):
     from flows.extract import extract_features
+    from processes import describe, survivors, tagged_env
     from storage import FeatureStore
 
     videos = _videos_dir(corpus, tmp_path, 20, corrupt=False)
     store = tmp_path / "store"
     ov = _overrides(corpus, store, **{"extract.commit_size": 4})
-    # A separate process with its own embedded Prefect API, as a real `mvrec refresh` would be.
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph")}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(videos), repr(ov), str(tmp_path / "ph")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it after its first commit landed and before it could finish.
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if FeatureStore(str(store)).completed(_eid(ov)):
-                break
-        except Exception:  # noqa: BLE001 - the store does not exist yet
-            pass
-        time.sleep(0.2)
-    assert proc.poll() is None, "the flow finished before it could be killed"
+    # A real `mvrec refresh` in its own process, with its own Prefect API, paused right after its
+    # first batch's hidden_states commit (storage/delta.py pause points), then SIGKILLed there.
+    marker = tmp_path / "paused"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MVREC_", "PREFECT_"))}
+    env.update({"MVREC_EXTRACT__MODEL": str(corpus / "model"), "MVREC_STORE__PATH": str(store),
+                "MVREC_EXTRACT__FRAMES": "uniform:4", "MVREC_EXTRACT__COMMIT_SIZE": "4",
+                "MVREC_EXTRACT__BATCH_SIZE": "4", "MVREC_PREFECT__HOME": str(tmp_path / "ph"),
+                "MVREC_TEST_PAUSE_AT": "hidden_states:after-commit", "MVREC_TEST_PAUSE_FILE": str(marker)})
+    log = tmp_path / "refresh.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([MVREC, "refresh", str(videos)], env=tagged_env(no_orphans, env), stdout=out,
+                                stderr=subprocess.STDOUT)
+    _wait_for(marker, proc, log)
+    assert marker.read_text().split() == [str(proc.pid), "hidden_states:after-commit"]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = len(FeatureStore(str(store)).completed(_eid(ov)))
-    assert 0 < partial < 20
+    left = survivors(no_orphans)  # its Prefect API server dies with it
+    assert not left, f"orphans after SIGKILL: {describe(left)}"
+    assert len(FeatureStore(str(store)).completed(_eid(ov))) == 4  # exactly the first batch
+    (killed,) = FeatureStore(str(store)).read("runs").to_pylist()
+    assert killed["status"] == "running"
 
     result = extract_features(str(videos), overrides=ov)
-    assert result["processed"] == 20 - partial
+    assert result["processed"] == 16
     per_layer, dupes, failures = _counts(store)
     assert set(per_layer.values()) == {20} and dupes == 0 and failures == []
+    runs = {r["run_id"]: r for r in FeatureStore(str(store)).read("runs").to_pylist()}
+    assert runs[killed["run_id"]]["status"] == "abandoned"
+    assert runs[result["run_id"]]["status"] == "completed"
 
 
 def _eid(ov):
