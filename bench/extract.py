@@ -68,7 +68,6 @@ def bench_decode(paths: list[Path], policy: str, rounds: int) -> None:
                     v = decode(p, policy=policy)
                     ours.append(time.perf_counter() - t0)
                     fallbacks += v.meta.backend != "decord"
-                    indices = v.meta.frames_indices
                 else:
                     t0 = time.perf_counter()
                     try:
