@@ -15,11 +15,12 @@ hooks pooling all layers, generate) is the production TransformersBackend.
 
 Steps:
 1. the demo corpus (mvrec.devtools.demo_data) plus a 720x1280 portrait subset, rendered here;
-2. decode cost: every video decoded once in one thread with tasks.decode (production defaults),
-   as videos per CPU-second (process CPU time, all decoder threads counted) and wall videos/s;
+2. decode cost: every video decoded once in one thread by tasks.extract.decode_one (production
+   defaults), as videos per CPU-second (process CPU time, all decoder threads counted) and wall;
 3. per shape and per caption length (16 new tokens and 0, i.e. prefill only): the corpus through
-   tasks.extract.extract_videos (decode threads run ahead of the model as in production), batched,
-   pooling every layer. Printed: videos/s, prefill tokens/s, estimated MFU, GPU busy fraction,
+   the production loop tasks.extract.iter_batches (--decode-workers batches decode ahead of the
+   model, a thread each), batched, pooling every layer. --tiny adds one file that is not a video,
+   so the failure path runs too. Printed: videos/s, prefill tokens/s, estimated MFU, GPU busy fraction,
    cores needed to keep the model fed, peak GPU memory. JSON of everything goes to --out.
 
 FLOPs (forward, 2 per multiply-add; weights of norms, biases and embeddings lookups left out):
@@ -284,30 +285,32 @@ def make_corpus(work: Path, videos: int, portrait: int, portrait_frames: int, wo
     return sorted((demo / "videos").iterdir()), [tall / s.file for s in specs]
 
 
-def decode_cost(paths: list[Path], decode_kwargs: dict) -> dict:
-    """Decode each video once, one at a time: videos per CPU-second and per wall second."""
-    from tasks.decode import decode
+def decode_cost(refs: list, opts) -> dict:
+    """Decode each video once, one at a time, as the extraction loop does (tasks.extract.decode_one):
+    videos per CPU-second and per wall second."""
+    from tasks.extract import decode_one
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
     frames = source_frames = 0
-    for p in paths:
-        video = decode(p, **decode_kwargs)
+    for ref in refs:
+        video, _ = decode_one(ref, opts)
+        if not hasattr(video, "frames"):
+            raise RuntimeError(f"{ref.uri}: a corpus video failed to decode: {video.message}")
         frames += len(video.frames)
         source_frames += video.meta.total_num_frames  # uniform sampling decodes about all of them
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"videos": len(paths), "cpu_s": cpu, "wall_s": wall, "frames": frames, "source_frames": source_frames,
-            "videos_per_cpu_s": len(paths) / cpu, "videos_per_wall_s": len(paths) / wall}
+    return {"videos": len(refs), "cpu_s": cpu, "wall_s": wall, "frames": frames, "source_frames": source_frames,
+            "videos_per_cpu_s": len(refs) / cpu, "videos_per_wall_s": len(refs) / wall}
 
 
 # ---------------------------------------------------------------------------------------------
 # one shape
 
 
-def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: float, deadline: float) -> list[dict]:
+def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, deadline: float) -> list[dict]:
     import torch
 
-    from tasks.decode import decode
-    from tasks.extract import extract_videos
+    from tasks.extract import decode_batch, iter_batches
     from tasks.lvlm import ExtractSpec, load_backend
 
     cuda = args.device.startswith("cuda")
@@ -321,8 +324,7 @@ def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: flo
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in backend.model.parameters())
     assert backend.info.is_test_model, "the check must only ever run on test models"
-    decode_kwargs = {"policy": args.policy}
-    warm = [decode(p, **decode_kwargs) for p in paths[:args.batch]]
+    warm = [video for video, _ in decode_batch(refs[:args.batch], args.opts) if hasattr(video, "frames")]
     try:
         for new_tokens in args.new_tokens:
             if time.perf_counter() > deadline:
@@ -335,14 +337,18 @@ def run_shape(shape: Shape, args, paths: list[Path], decode_cpu_s_per_video: flo
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            results, failures = [], []
             with UtilSampler() as util:
                 t0 = time.perf_counter()
-                results, failures = extract_videos(paths, backend, batch_size=args.batch,
-                                                   decode_kwargs=decode_kwargs, decode_workers=args.decode_workers)
+                # the production loop: `lookahead` batches decode (a thread each) while the model runs
+                for batch in iter_batches(refs, backend, lookahead=args.decode_workers, batch_size=args.batch,
+                                          opts=args.opts):
+                    results += batch.results
+                    failures += batch.failures
                 wall = time.perf_counter() - t0
             del backend.prepare, backend.run  # back to the class methods
             for f in failures[:3]:
-                print(f"  failure: {f.path}: {f.stage} {f.error_type}: {f.message[:300]}")
+                print(f"  failure: {f.uri}: {f.stage} {f.error_type}: {f.message[:300]}")
             n = len(results)
             if n == 0:
                 rows.append({"shape": shape.name, "new_tokens": new_tokens, "videos": 0, "failures": len(failures)})
@@ -413,7 +419,8 @@ def parse_args(argv=None):
     p.add_argument("--portrait-frames", type=int, default=120, help="frames per portrait clip (30 fps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", default="16,0", help="caption lengths to run (0: prefill only)")
-    p.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                   help="batches decoding ahead of the model, one thread each (extract.decode_workers)")
     p.add_argument("--policy", default="uniform:8")
     p.add_argument("--budget-s", type=float, default=420, help="start no new measurement after this many seconds")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "gpu_check")
@@ -446,9 +453,16 @@ def main(argv=None) -> int:
                              workers=max(1, min(16, os.cpu_count() or 1)))
     print(f"corpus: {len(demo)} demo videos + {len(tall)} portrait 720x1280 clips "
           f"({time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-    decode_kwargs = {"policy": args.policy}
-    report["decode"] = {"demo": decode_cost(demo[:128], decode_kwargs),
-                        "portrait_720x1280": decode_cost(tall, decode_kwargs)}
+    from tasks.discover import VideoRef
+    from tasks.extract import DecodeOptions
+
+    args.opts = DecodeOptions(policy=args.policy)  # production defaults otherwise (frames <= 224x224)
+    demo, tall = ([VideoRef(video_id=p.stem, uri=str(p)) for p in paths] for paths in (demo, tall))
+    report["decode"] = {"demo": decode_cost(demo[:128], args.opts), "portrait_720x1280": decode_cost(tall, args.opts)}
+    if args.tiny:  # the dry run also takes the failure path: one video that cannot decode
+        bad = args.work / "not_a_video.mp4"
+        bad.write_text("not a video\n")
+        demo.append(VideoRef(video_id=bad.stem, uri=str(bad)))
     for name, d in report["decode"].items():
         print(f"decode {name}: {d['videos_per_cpu_s']:.1f} videos per CPU-second "
               f"({1e3 / d['videos_per_cpu_s']:.1f} ms CPU/video, {d['source_frames'] / d['videos']:.0f} source frames/video), "

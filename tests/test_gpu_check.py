@@ -40,14 +40,14 @@ def test_dry_run_at_tiny_shape(tmp_path):
     runs = report["runs"]
     assert [r["new_tokens"] for r in runs] == [16, 0]
     for r in runs:
-        assert r["videos"] == 8 and r["failures"] == 0
+        assert r["videos"] == 8 and r["failures"] == 1  # --tiny adds a file that is not a video
         assert r["layers_pooled"] == r["num_layers"] + 2  # embeddings, every layer, final norm
         assert r["prompt_tokens"] > 0 and r["padded_tokens"] >= r["prompt_tokens"]
         assert 0 < r["mfu_model"] < 1 and 0 < r["mfu_wall"] <= r["mfu_model"]
         assert r["videos_per_s"] > 0 and r["cores_needed"] > r["decode_cores_needed"] > 0
         assert 0 < r["busy_bound_processor"] < 1
     assert runs[0]["tflop"]["decode"] > 0 and runs[1]["tflop"]["decode"] == 0
-    assert "TEST MODEL" in proc.stdout
+    assert "TEST MODEL" in proc.stdout and "failure: " in proc.stdout and "not_a_video.mp4: decode" in proc.stdout
 
 
 @pytest.mark.parametrize("name, published_params", [("3b", 3.75e9), ("7b", 8.29e9)])
