@@ -1,6 +1,7 @@
 """Shared test setup. Area-specific fixtures live in their own test modules."""
 
 import os
+import uuid
 
 # No model hub here: everything loads from local directories or packaged weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,20 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=60):
         yield home
+
+
+@pytest.fixture
+def no_orphans():
+    """A token for the processes this test starts (`tagged_env(token)`, tests/processes.py): any of
+    them, or of their children, still running when the test ends fails the test (and is killed)."""
+    from processes import describe, survivors
+
+    token = uuid.uuid4().hex
+    yield token
+    left = survivors(token)
+    for p in left:
+        p.kill()
+    assert not left, f"processes outlived the test: {describe(left)}"
 
 
 def pytest_collection_modifyitems(items):
