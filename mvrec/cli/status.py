@@ -51,7 +51,7 @@ def status_cmd(
     t = Table("started", "flow", "status", "duration", "counts", title=f"last {len(s['runs'])} runs",
               title_justify="left")
     for r in s["runs"]:
-        style = {"completed": "green", "failed": "red", "running": "yellow"}.get(r["status"], "")
+        style = {"completed": "green", "failed": "red", "abandoned": "red", "running": "yellow"}.get(r["status"], "")
         t.add_row(r["started"][:19].replace("T", " "), r["flow"], f"[{style}]{r['status']}[/]" if style else r["status"],
                   "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s", _counts(r["counts"]))
     console.print(t)
