@@ -1,15 +1,18 @@
 """Positive and negative controls for the study: can it find a content effect when one exists?
 
-On a demo corpus made with `mvrec demo-data --cold-items 0.3` (hundreds of cold test targets), the
-study grid (recommender.study.run_study: id, fuse per layer, dff) runs twice with `--seeds` seeds:
+On a demo corpus made with `mvrec demo-data --videos 100 --cold-items 0.3` (hundreds of cold test
+targets; 10 items a topic, so knowing a cold item's topic can put it in the top 10), the study grid
+(recommender.study.run_study: id, fuse per hidden layer, dff) runs with `--seeds` seeds:
   positive control  the oracle SYNTHETIC topic features (--synthetic-topics corpus.json): fuse and dff
-                    should beat id on cold-item test HR@10 by more than 2 standard errors;
+                    should beat id on cold-item test HR@10 by more than 2 standard errors; run with
+                    the defaults and again with the paper's DFF (train.id_min_count = 0, id_dropout = 0);
   negative control  hidden states of the random-weight TEST MODEL (`mvrec extract` Parquet output):
                     no significant gain expected.
 `fuse` is the fuse cell at the layer with the best mean validation HR@10 (the grid's own rule).
 se = sqrt((sd_cell^2 + sd_id^2) / seeds), sample standard deviations over seeds.
 
     python bench/controls.py --corpus DIR [--test-features extract.parquet] [--seeds 3] [--out DIR]
+                             [--paper-variant]
 """
 
 from __future__ import annotations
@@ -41,17 +44,21 @@ def extract_to_npz(parquet: Path, out: Path) -> Path:
     return out
 
 
-def control(name: str, pairs: Path, spec: FeatureSpec, seeds: int, out: Path) -> list[str]:
-    train_cfg = TrainConfig(num_threads=1, device="cpu")
-    study_cfg = StudyConfig(seeds=seeds, representations="id,fuse,dff", layers="all")
-    data, bank = load_inputs(pairs, train_cfg, spec)
-    t0 = time.perf_counter()
-    summary = run_study(data, bank, train_cfg, study_cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+def control(name: str, pairs: Path, spec: FeatureSpec, seeds: int, out: Path, id_rows: list | None = None,
+            **train_keys) -> tuple[list[str], list]:
+    """-> (table lines, the id cell's rows: a second variant reuses them, as the keys don't touch id)."""
     import csv
 
+    train_cfg = TrainConfig(num_threads=1, device="cpu", **train_keys)
+    study_cfg = StudyConfig(seeds=seeds, representations="fuse,dff" if id_rows else "id,fuse,dff", layers="all")
+    data, bank = load_inputs(pairs, train_cfg, spec)
+    bank.caption = None  # hidden states only
+    t0 = time.perf_counter()
+    summary = run_study(data, bank, train_cfg, study_cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True))
     with open(summary["files"]["results_csv"]) as fh:
         rows = [{**r, "layer": int(r["layer"]) if r["layer"] else None, "valid_HR@10": float(r["valid_HR@10"])}
                 for r in csv.DictReader(fh)]
+    rows = (id_rows or []) + rows
     agg = {a["cell"]: a for a in aggregate(rows)}
     fuse = f"fuse hidden:{best_layer(rows)}"
     dff = next(c for c in agg if c.startswith("dff"))
@@ -59,7 +66,8 @@ def control(name: str, pairs: Path, spec: FeatureSpec, seeds: int, out: Path) ->
     n_cold = int(rows[0]["cold_users"])
     lines = [f"### {name}", "",
              f"{data.n_users} users, {data.n_items} items, {n_cold} cold test targets; {seeds} seeds; "
-             f"{time.perf_counter() - t0:.0f} s", "",
+             f"{time.perf_counter() - t0:.0f} s; " + (", ".join(f"{k} = {v}" for k, v in train_keys.items())
+                                                       or "default train config"), "",
              "| cell | test HR@10 | cold HR@10 | cold diff vs id | se | diff / se | beats id by > 2 se |",
              "|---|---|---|---|---|---|---|"]
     for cell in ("id", fuse, dff):
@@ -73,7 +81,7 @@ def control(name: str, pairs: Path, spec: FeatureSpec, seeds: int, out: Path) ->
         se = math.sqrt((sd ** 2 + ident["test_cold_HR@10_std"] ** 2) / seeds)
         ratio = diff / se if se > 0 else float("inf") * np.sign(diff)
         lines.append(row + f" {diff:+.4f} | {se:.4f} | {ratio:+.1f} | {'yes' if diff > 2 * se else 'no'} |")
-    return lines
+    return lines, [r for r in rows if r["cell"] == "id"]
 
 
 def main() -> None:
@@ -82,6 +90,7 @@ def main() -> None:
     ap.add_argument("--test-features", help="`mvrec extract` Parquet of the corpus videos (test model)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="./.mvrec/bench-controls")
+    ap.add_argument("--paper-variant", action="store_true", help="also the positive control with the paper's DFF")
     args = ap.parse_args()
     import torch
 
@@ -89,13 +98,22 @@ def main() -> None:
     corpus, out = Path(args.corpus), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench/controls.py: {corpus}, 1 thread, load {os.getloadavg()[0]:.2f}", flush=True)
-    report = control("Positive control: oracle SYNTHETIC topic features", corpus / "pairs.tsv",
-                     FeatureSpec(topics=str(corpus / "corpus.json")), args.seeds, out / "synthetic")
+    topics = FeatureSpec(topics=str(corpus / "corpus.json"))
+    report, id_rows = control("Positive control: oracle SYNTHETIC topic features", corpus / "pairs.tsv", topics,
+                              args.seeds, out / "synthetic")
+    print("\n".join(report), flush=True)
     if args.test_features:
         npz = extract_to_npz(Path(args.test_features), out / "test-model.npz")
-        report += [""] + control("Negative control: random-weight TEST MODEL hidden states", corpus / "pairs.tsv",
-                                 FeatureSpec(features=str(npz)), args.seeds, out / "test-model")
-    print("\n".join(report))
+        lines, _ = control("Negative control: random-weight TEST MODEL hidden states", corpus / "pairs.tsv",
+                           FeatureSpec(features=str(npz)), args.seeds, out / "test-model", id_rows)
+        print("\n" + "\n".join(lines), flush=True)
+        report += [""] + lines
+    if args.paper_variant:
+        lines, _ = control("Positive control, the paper's DFF", corpus / "pairs.tsv", topics, args.seeds,
+                           out / "synthetic-paper", id_rows, id_min_count=0, id_dropout=0.0)
+        print("\n" + "\n".join(lines), flush=True)
+        report += [""] + lines
+    print("\n== all ==\n" + "\n".join(report))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 

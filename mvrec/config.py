@@ -154,6 +154,11 @@ class TrainConfig:
     source: str = "hidden:all"
     # Mask each user's other training items out of the training softmax, as the paper does.
     mask_history: bool = True
+    # fuse/dff: items with fewer training interactions than this get no ID embedding, only content,
+    # and in training this share of item occurrences drops its ID embedding, so the content-only path
+    # learns typical items. 0 and 0.0 are the paper's DFF. See docs/recommender.md, "Controls".
+    id_min_count: int = 5
+    id_dropout: float = 0.5
     eval_batch_size: int = 1024
     # full | sampled (100 random negatives, the SASRec paper's protocol)
     eval_protocol: str = "full"
@@ -432,6 +437,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.num_negatives": _min(1), "train.negative_sampler": _one_of("uniform", "popularity"),
     "train.eval_users": _min(0), "train.seed": _min(0), "train.device": _device, "train.out": _nonempty,
     "train.representation": _one_of(*REPRESENTATIONS), "train.source": _train_source, "train.mask_history": _any,
+    "train.id_min_count": _min(0), "train.id_dropout": lambda v: None if 0 <= v < 1 else f"must be >= 0 and < 1, got {v!r}",
     "train.eval_batch_size": _min(1), "train.eval_protocol": _one_of("full", "sampled"),
     "train.missing_features": _one_of("zero", "error"), "train.num_threads": _min(0),
     "study.seeds": _min(1), "study.out": _nonempty, "study.max_epochs": _min(1), "study.batch_size": _min(1),

@@ -20,13 +20,18 @@ MODES = ("id", "replace", "fuse", "dff")
 
 
 class ItemEmbedding(nn.Module):
-    def __init__(self, n_items: int, dim: int, mode: str = "id", features: torch.Tensor | None = None):
+    def __init__(self, n_items: int, dim: int, mode: str = "id", features: torch.Tensor | None = None,
+                 id_mask: torch.Tensor | None = None, id_dropout: float = 0.0):
+        """id_mask [n_items + 1] (bool, fuse/dff): items whose ID embedding is used; the others are
+        represented by their content alone (TrainConfig.id_min_count). id_dropout: in training, the
+        share of item occurrences that drop their ID embedding, so the content-only path learns what
+        a typical item of its kind scores, not only what a rare one does (DropoutNet)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown item representation {mode!r} (one of {', '.join(MODES)})")
         if (mode == "id") != (features is None):
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'id' else 'needs'} features")
-        self.mode, self.n_items = mode, n_items
+        self.mode, self.n_items, self.id_dropout = mode, n_items, id_dropout
         if features is not None:
             features = features.float()
             if features.dim() == 2:
@@ -44,6 +49,8 @@ class ItemEmbedding(nn.Module):
                 self.id.weight[0].zero_()
         if mode in ("fuse", "dff"):
             self.gate = nn.Linear(2 * dim, dim)
+            if id_mask is not None:
+                self.register_buffer("id_keep", id_mask.float()[:, None], persistent=False)
         if mode == "dff":
             self.layer_logits = nn.Parameter(torch.ones(features.shape[1]))
 
@@ -62,6 +69,10 @@ class ItemEmbedding(nn.Module):
         if self.mode == "replace":
             return self.proj(self.content(ids)) * (ids != 0).unsqueeze(-1)
         e_id = self.id(ids)
+        if hasattr(self, "id_keep"):
+            e_id = e_id * self.id_keep[ids]
+        if self.training and self.id_dropout > 0:
+            e_id = e_id * (torch.rand(ids.shape + (1,), device=ids.device) >= self.id_dropout)
         e_v = F.relu(self.proj(self.content(ids)))
         g = torch.sigmoid(self.gate(torch.cat([e_id, e_v], dim=-1)))
         return (g * e_id + (1 - g) * e_v) * (ids != 0).unsqueeze(-1)  # padding stays zero

@@ -58,9 +58,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | None = None) -> SASRec:
+def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | None = None,
+                train_counts: np.ndarray | None = None) -> SASRec:
     feats = None if cfg.representation == "id" else torch.as_tensor(features)
-    items = ItemEmbedding(n_items, cfg.dim, cfg.representation, feats)
+    id_mask = None
+    if cfg.id_min_count > 0 and cfg.representation in ("fuse", "dff") and train_counts is not None:
+        id_mask = torch.as_tensor(train_counts >= cfg.id_min_count)  # rarer items: content only
+    items = ItemEmbedding(n_items, cfg.dim, cfg.representation, feats, id_mask,
+                          cfg.id_dropout if cfg.representation in ("fuse", "dff") else 0.0)
     return SASRec(items, cfg.max_seq_len, cfg.dim, cfg.n_blocks, cfg.n_heads, cfg.dropout)
 
 
@@ -139,7 +144,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                  "dropped_users": data.n_dropped_users},
         **(meta or {})}, indent=2, default=str))
 
-    model = build_model(cfg, data.n_items, features).to(device)
+    model = build_model(cfg, data.n_items, features, data.train_counts).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = device.type == "cuda"  # bf16 autocast on GPU only
     lengths = (data.train_targets != 0).sum(1)

@@ -269,3 +269,33 @@ def test_every_loss_trains(tmp_path, loss):
     cfg = TrainConfig(dim=16, batch_size=32, lr=5e-3, max_epochs=6, num_threads=1, loss=loss, num_negatives=64)
     result = train(data, cfg, None, tmp_path / loss, progress=False, log=lambda m: None)
     assert result.test["HR@10"] > 2 * 10 / data.n_items, result.test  # users follow topics: well above chance
+
+
+def test_rare_items_are_content_only_and_id_dropout_trains_that_path():
+    torch.manual_seed(0)
+    feats = torch.randn(6, 2, 4)
+    emb = ItemEmbedding(5, 8, "dff", feats, id_mask=torch.tensor([True, True, False, True, True, True]),
+                        id_dropout=0.9999).eval()
+    ids = torch.tensor([1, 2])
+    before = emb(ids).detach().clone()
+    with torch.no_grad():
+        emb.id.weight.add_(1.0)  # move every ID embedding
+    after = emb(ids).detach()
+    assert not torch.allclose(before[0], after[0])  # item 1 uses its ID
+    torch.testing.assert_close(before[1], after[1])  # item 2 (masked: rare) is content only
+    emb.train()  # training: (almost) every occurrence drops its ID
+    content_only = emb(ids).detach()
+    with torch.no_grad():
+        emb.id.weight.add_(1.0)
+    torch.testing.assert_close(emb(ids).detach(), content_only)
+
+
+def test_build_model_masks_items_below_id_min_count():
+    from recommender.train import build_model
+
+    counts = np.array([0, 9, 1, 5, 4])
+    feats = np.zeros((5, 1, 3), np.float32)
+    model = build_model(TrainConfig(representation="fuse", id_min_count=5, dim=8), 4, feats, counts)
+    assert model.items.id_keep[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert not hasattr(build_model(TrainConfig(representation="fuse", id_min_count=0, dim=8), 4, feats, counts).items,
+                       "id_keep")
