@@ -4,7 +4,7 @@
     python bench/status.py --videos 1000
 
 The store has the shape of the demo store after a month of nightly refreshes: the test model's
-64-dim hidden states for 6 layers (0..4 and final), one extractor, commits of 64 videos, 30 runs,
+128-dim hidden states for 6 layers (0..4 and final), one extractor, commits of 64 videos, 30 runs,
 3 tags, open failures and partial videos, and one real file per video (a few changed on disk since
 extraction). It is written through the FeatureStore API with synthetic vectors, not by running the
 test LVLM over 5,000 decoded videos (that alone takes over 15 minutes on this 2-core machine);
@@ -41,7 +41,7 @@ from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, 
 from storage.status import changed_files, store_size, store_status  # noqa: E402
 from tasks.discover import VideoRef, hash_video  # noqa: E402
 
-D, LAYERS, COMMIT, RUNS = 64, [0, 1, 2, 3, 4, -1], 64, 30
+D, LAYERS, COMMIT, RUNS = 128, [0, 1, 2, 3, 4, -1], 64, 30
 
 
 def build(root: Path, n: int) -> None:
