@@ -171,7 +171,7 @@ def test_killed_flow_is_followed_by_a_complete_run(prefect_harness, corpus, tmp_
     from processes import describe, survivors, tagged_env
     from storage import FeatureStore
 
-    videos = _videos_dir(corpus, tmp_path, 20, corrupt=False)
+    videos = _videos_dir(corpus, tmp_path, 8, corrupt=False)
     store = tmp_path / "store"
     ov = _overrides(corpus, store, **{"extract.commit_size": 4})
     # A real `mvrec refresh` in its own process, with its own Prefect API, paused right after its
@@ -197,9 +197,9 @@ def test_killed_flow_is_followed_by_a_complete_run(prefect_harness, corpus, tmp_
     assert killed["status"] == "running"
 
     result = extract_features(str(videos), overrides=ov)
-    assert result["processed"] == 16
+    assert result["processed"] == 4  # exactly the rest
     per_layer, dupes, failures = _counts(store)
-    assert set(per_layer.values()) == {20} and dupes == 0 and failures == []
+    assert set(per_layer.values()) == {8} and dupes == 0 and failures == []
     runs = {r["run_id"]: r for r in FeatureStore(str(store)).read("runs").to_pylist()}
     assert runs[killed["run_id"]]["status"] == "abandoned"
     assert runs[result["run_id"]]["status"] == "completed"

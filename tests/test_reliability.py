@@ -7,13 +7,11 @@ parent is SIGKILLed. `no_orphans` fails a test if any process it started survive
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 
-import psutil
 import pytest
 
 from storage import FeatureStore
@@ -68,3 +66,55 @@ def test_an_exception_inside_a_run_ends_it_failed(tmp_path):
     row = _runs(store)[run_id]
     assert row["status"] == "failed" and row["finished"] is not None
     assert row["message"] == "OSError: [Errno 28] No space left on device"
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def input_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("input")
+    _bench("torture_input").make_base(base)
+    return base
+
+
+FAST_INPUT = ["frame policy banana", "commit_size = -5", "missing source", "manifest CSV without a uri column",
+              "unknown --extractor", "SQL reads the temp directory", "SQL duckdb_settings()"]
+
+
+@pytest.mark.parametrize("name", FAST_INPUT)
+def test_bad_input_slice(input_base, name, no_orphans):
+    # A slice of bench/torture_input.py (run it by hand for every class, refresh runs included).
+    torture = _bench("torture_input")
+    (case,) = [c for c in torture.CASES if c.name == name]
+    got = torture.run_case(case, input_base, no_orphans)
+    assert got["problems"] == [] and got["rc"] == case.rc == 2
+
+
+@pytest.mark.slow
+def test_odd_file_names_slice(input_base, no_orphans):
+    torture = _bench("torture_input")
+    (case,) = [c for c in torture.CASES if c.name == "non-UTF-8 file name"]
+    got = torture.run_case(case, input_base, no_orphans)
+    assert got["problems"] == [] and got["rc"] == 0
+
+
+@pytest.mark.slow
+def test_crash_torture_slice(tmp_path, no_orphans):
+    # Two trials of bench/torture_crash.py (run it by hand for 20+): SIGKILLed inside a commit,
+    # between the data files and the log entry, then rerun and checked row by row.
+    torture = _bench("torture_crash")
+    videos = torture.make_corpus(tmp_path, videos=5)
+    for point, nth in (("hidden_states:mid-write", 2), ("captions:after-commit", 1)):
+        got = torture.trial(tmp_path, videos, 5, point, nth, 0.0, api_url=None)
+        assert got["killed"] and got["problems"] == [] and got["orphans"] == 0, (point, got)
+        assert got["abandoned"] == 1
