@@ -19,7 +19,7 @@ _GAMES = dict(dim=50, max_seq_len=50, min_seq_len=3, n_blocks=2, n_heads=1, eval
 
 PRESETS: dict[str, dict[str, Any]] = {
     "sasrec-games": {**_GAMES, "loss": "sampled", "num_negatives": 2048, "negative_sampler": "uniform", "lr": 4e-3,
-                     "dropout": 0.2, "batch_size": 128, "weight_decay": 0.1, "eval_users": 10_000, "patience": 3},
+                     "dropout": 0.5, "batch_size": 128, "weight_decay": 0.1, "eval_users": 10_000, "patience": 3},
     "sasrec-bce": {**_GAMES, "loss": "bce", "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0,
                    "eval_users": 10_000, "patience": 3},
 }

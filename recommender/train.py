@@ -159,6 +159,9 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
         np.sort(np.random.default_rng(cfg.seed).choice(data.n_users, cfg.eval_users, replace=False)))
     n_batches = -(-len(train_users) // cfg.batch_size)
     T = data.train_inputs.shape[1]
+    # Length-bucketed batches hold very different numbers of positions; weighting each batch's mean
+    # loss by its share keeps every position's weight equal, as with random batches.
+    mean_positions = lengths[train_users].sum() / n_batches
 
     best, best_epoch, wait, epoch = -1.0, 0, 0, 0
     fields = ["epoch", "train_loss", "seconds", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
@@ -179,7 +182,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = next_item_loss(model, seq, tgt, seen, loss_name, cfg.num_negatives, q)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * (lengths[batch].sum() / mean_positions)).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 losses.append(loss.item())
