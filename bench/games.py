@@ -12,6 +12,7 @@ their ratio (goal: ours <= 0.5x), and each side's peak resident memory (ru_maxrs
                           [--seed 0] [--extra-epochs 0]
     python bench/games.py --accuracy [--seeds 0,1,2]   # our recipe to early stopping: test HR/NDCG, sampled-100
                                                        # and full ranking, mean +- std over seeds, vs published
+    python bench/games.py --loss-cost                  # CPU ms per training step of full, sampled and bce
 
 The dataset comes from --data, else $MVREC_GAMES, else ../shared/data/amazon-games/Video.txt next to the
 repository; without it the bench says so and exits 0.
@@ -134,6 +135,44 @@ def run_accuracy(args) -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
+def run_loss_cost(args) -> None:
+    """CPU ms per training step (forward, backward, optimizer) of each loss on the same Games batches."""
+    import numpy as np
+    import torch
+
+    from mvrec.config import TrainConfig
+    from recommender.data import load_sequences
+    from recommender.evaluate import history_mask
+    from recommender.losses import next_item_loss
+    from recommender.presets import apply_preset
+    from recommender.train import build_model, length_batches
+
+    torch.set_num_threads(1)
+    cfg = apply_preset(TrainConfig(preset=SIDES["ours"]))
+    data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
+    lengths = (data.train_targets != 0).sum(1)
+    batches = length_batches(lengths, np.flatnonzero(lengths), cfg.batch_size, torch.Generator().manual_seed(0))
+    batches = batches[:args.cost_batches]
+    hp, hi = data.history("valid")
+    T = data.train_inputs.shape[1]
+    print(f"loss cost on {len(batches)} Games batches of {cfg.batch_size} users ({data.n_items} items, dim {cfg.dim}), "
+          f"1 thread, load {os.getloadavg()[0]:.2f}")
+    for loss in ("full", "sampled", "bce", "full", "sampled", "bce"):  # twice: the second round is warm
+        torch.manual_seed(0)
+        model = build_model(cfg, data.n_items)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        t0 = time.process_time()
+        for b in batches:
+            w = int(lengths[b].max())
+            seen = history_mask(hp, hi, b, data.n_items + 1)
+            out = next_item_loss(model, torch.as_tensor(data.train_inputs[b, T - w:]),
+                                 torch.as_tensor(data.train_targets[b, T - w:]), seen, loss, cfg.num_negatives)
+            opt.zero_grad()
+            out.backward()
+            opt.step()
+        print(f"  {loss:8s} {1000 * (time.process_time() - t0) / len(batches):7.1f} CPU ms/step", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data")
@@ -148,6 +187,8 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="instead: our recipe to early stopping, --seeds seeds")
     ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds for --accuracy")
     ap.add_argument("--out", default="./.mvrec/bench-games", help="run directories of --accuracy")
+    ap.add_argument("--loss-cost", action="store_true", help="instead: CPU ms per step of full, sampled and bce")
+    ap.add_argument("--cost-batches", type=int, default=40)
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: run one side
     ap.add_argument("--max-minutes", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--max-epochs", type=int, default=200, help=argparse.SUPPRESS)
@@ -162,6 +203,8 @@ def main() -> None:
         return run_side(args)
     if args.accuracy:
         return run_accuracy(args)
+    if args.loss_cost:
+        return run_loss_cost(args)
 
     load = os.getloadavg()
     print(f"bench/games.py: {data}, target test HR@10 >= {args.target} (sampled-100, 10,000 fixed users), seed {args.seed}, "

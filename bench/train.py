@@ -14,7 +14,6 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mvrec.config import TrainConfig
-from recommender.data import build_sequences, load_sequences, read_interactions
+from recommender.data import build_sequences, read_interactions
 from recommender.features import FeatureBank, _align, load_file_features
 from recommender.model import ItemEmbedding, SASRec
 from recommender.synthetic import planted
