@@ -12,7 +12,9 @@ the run record are timed; Python imports are not):
 - before:  the flow of an older commit (--before REV, e.g. the one-task-per-video version), run
            from a `git archive` of that commit.
 Orchestration overhead = flow wall time - the same work as plain functions (`batches`), as a share
-of the flow's wall time; `plain` is the best plain way. Each variant runs --rounds times,
+of the flow's wall time; `plain` is the best plain way. On a shared machine wall time swings with
+the other jobs, so CPU seconds are printed too: the worker process's own, plus what the Prefect
+server's processes spent while it ran (the flow's API calls). Each variant runs --rounds times,
 interleaved (forward, then backward) against drifting load; the table shows the fastest round.
 Task runs are counted by the server for each flow run.
 
@@ -56,7 +58,7 @@ def worker_plain(a) -> dict:
     from tasks.extract import decode_options, extract_spec, iter_batches
     from tasks.lvlm import Failure, load_backend
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = load_config(overrides=_overrides(a))
     e = cfg.extract
     store, record = open_store(cfg.store), extractor_record(cfg)
@@ -93,7 +95,7 @@ def worker_plain(a) -> dict:
         store.write_batch(_merge(pending, by_id, run_id, eid))
     store.finish_run(run_id, counts={"processed": processed})
     backend.close()
-    return {"seconds": time.perf_counter() - t0, "processed": processed}
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "processed": processed}
 
 
 def _merge(batches, by_id, run_id, eid):
@@ -114,11 +116,11 @@ def _merge(batches, by_id, run_id, eid):
 def worker_flow(a) -> dict:
     from flows.extract import extract_features
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = extract_features(a.videos_dir, overrides=_overrides(a), return_state=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = state.result()
-    return {"seconds": seconds, "processed": summary["processed"],
+    return {"seconds": seconds, "cpu": cpu, "processed": summary["processed"],
             "flow_run_id": str(state.state_details.flow_run_id)}
 
 
@@ -167,6 +169,18 @@ class PrefectServer:
                 time.sleep(0.5)
         raise TimeoutError(f"prefect server not healthy after {timeout} s")
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of every process in the server's group so far."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == self.proc.pid:  # pgid (the server leads its own group)
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def task_runs(self, flow_run_id: str) -> int:
         body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
         req = urllib.request.Request(self.url + "/task_runs/count", data=body,
@@ -196,7 +210,7 @@ def run_variant(name: str, worker: str, code_root: Path, work: Path, server: Pre
            "--videos-dir", str(work / "corpus" / "videos"), "--model", str(work / "model"), "--store", str(store),
            "--batch-size", str(a.batch_size), "--commit-size", str(a.commit_size)]
     env = {**server.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code_root)}
-    load = os.getloadavg()[0]
+    load, server_cpu = os.getloadavg()[0], server.cpu_seconds()
     with open(work / f"{name}.log", "w") as log:
         out = subprocess.run(cmd, env=env, cwd=code_root, stdout=subprocess.PIPE, stderr=log, text=True,
                              timeout=3600)
@@ -206,6 +220,7 @@ def run_variant(name: str, worker: str, code_root: Path, work: Path, server: Pre
     result = json.loads(line[len("RESULT "):])
     result["task_runs"] = server.task_runs(result["flow_run_id"]) if "flow_run_id" in result else 0
     result["load"] = (load, os.getloadavg()[0])
+    result["server_cpu"] = server.cpu_seconds() - server_cpu
     return result
 
 
@@ -254,8 +269,9 @@ def main() -> None:
             for name, worker, code_root in (variants if i % 2 == 0 else variants[::-1]):
                 subprocess.run(["rm", "-rf", str(work / f"store-{name.split()[0]}")], check=True)
                 r = run_variant(name.split()[0], worker, code_root, work, server, a)
-                print(f"  round {i + 1}  {name:<18} {r['seconds']:8.1f} s  {r['processed']} processed  "
-                      f"{r['task_runs']:5d} task runs  load {r['load'][0]:.2f} -> {r['load'][1]:.2f}", flush=True)
+                print(f"  round {i + 1}  {name:<18} {r['seconds']:8.1f} s wall  {r['cpu']:7.1f} CPU-s  "
+                      f"(+ {r['server_cpu']:5.1f} server)  {r['processed']} processed  {r['task_runs']:5d} task runs  "
+                      f"load {r['load'][0]:.2f} -> {r['load'][1]:.2f}", flush=True)
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
     same, best = results["batches"]["seconds"], results["plain"]["seconds"]
@@ -267,6 +283,12 @@ def main() -> None:
         cols = f"{s - same:7.1f} s {100 * (s - same) / s:6.1f}% {s - best:7.1f} s {100 * (s - best) / s:5.1f}%"
         print(f"{name:<18} {s:8.1f} {r['processed'] / s:9.2f} {r['task_runs'] * 1000 / a.videos:22.0f} "
               f"{cols if r['task_runs'] else '':>37}")
+    same_cpu = results["batches"]["cpu"]
+    print(f"\nCPU seconds (process + server) vs batches ({same_cpu:.1f} CPU-s), fastest round:")
+    for name, r in results.items():
+        if r["task_runs"]:
+            cpu = r["cpu"] + r["server_cpu"]
+            print(f"{name:<18} {cpu:8.1f} CPU-s   overhead {cpu - same_cpu:6.1f} CPU-s = {100 * (cpu - same_cpu) / cpu:5.1f}%")
 
 
 if __name__ == "__main__":
