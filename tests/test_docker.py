@@ -338,7 +338,7 @@ def test_images_copy_every_package_and_nothing_ignored():
                 and any(re.fullmatch(pat.replace("*", ".*"), p.name) for pat in include)}
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.splitlines()
-    for kind, df in DOCKERFILES.items():
+    for df in DOCKERFILES.values():
         sources = []
         for word, rest in _instructions(df):
             if word == "COPY" and "--from" not in rest:
