@@ -6,13 +6,13 @@ targets; 10 items a topic, so knowing a cold item's topic can put it in the top 
   positive control  the oracle SYNTHETIC topic features (--synthetic-topics corpus.json): fuse and dff
                     should beat id on cold-item test HR@10 by more than 2 standard errors; run with
                     the defaults and again with the paper's DFF (train.id_min_count = 0, id_dropout = 0);
-  negative control  hidden states of the random-weight TEST MODEL (`mvrec extract` Parquet output):
-                    no significant gain expected.
+  test model        hidden states of the random-weight TEST MODEL (`mvrec extract` Parquet output);
+  null control      (--permuted) the same hidden states, permuted across items: no gain expected.
 `fuse` is the fuse cell at the layer with the best mean validation HR@10 (the grid's own rule).
 se = sqrt((sd_cell^2 + sd_id^2) / seeds), sample standard deviations over seeds.
 
     python bench/controls.py --corpus DIR [--test-features extract.parquet] [--seeds 3] [--out DIR]
-                             [--paper-variant]
+                             [--paper-variant] [--permuted]
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ from recommender.pipeline import FeatureSpec, load_inputs  # noqa: E402
 from recommender.study import aggregate, best_layer, run_study  # noqa: E402
 
 
-def extract_to_npz(parquet: Path, out: Path) -> Path:
-    """`mvrec extract` rows (video_id, layers, hidden [L, D]) -> .npz (item_ids, features, layers)."""
+def extract_to_npz(parquet: Path, out: Path, permute: bool = False) -> Path:
+    """`mvrec extract` rows (video_id, layers, hidden [L, D]) -> .npz (item_ids, features, layers);
+    `permute` gives each item another item's features (a seeded permutation): the null control."""
     import pyarrow.parquet as pq
 
     rows = [r for r in pq.read_table(parquet, columns=["video_id", "status", "layers", "hidden"]).to_pylist()
             if r["status"] == "ok"]
-    np.savez(out, item_ids=np.array([r["video_id"] for r in rows]),
+    ids = np.array([r["video_id"] for r in rows])
+    np.savez(out, item_ids=np.random.default_rng(0).permutation(ids) if permute else ids,
              features=np.array([r["hidden"] for r in rows], dtype=np.float32), layers=np.array(rows[0]["layers"]))
     return out
 
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="./.mvrec/bench-controls")
     ap.add_argument("--paper-variant", action="store_true", help="also the positive control with the paper's DFF")
+    ap.add_argument("--permuted", action="store_true", help="also the test-model features permuted across items")
+    ap.add_argument("--skip-main", action="store_true", help="only the extra variants (the id cell of an earlier run)")
     args = ap.parse_args()
     import torch
 
@@ -99,13 +103,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench/controls.py: {corpus}, 1 thread, load {os.getloadavg()[0]:.2f}", flush=True)
     topics = FeatureSpec(topics=str(corpus / "corpus.json"))
-    report, id_rows = control("Positive control: oracle SYNTHETIC topic features", corpus / "pairs.tsv", topics,
-                              args.seeds, out / "synthetic")
-    print("\n".join(report), flush=True)
-    if args.test_features:
+    if args.skip_main:  # reuse the id cell of an earlier run in the same --out
+        import csv
+
+        with open(out / "synthetic" / "results.csv") as fh:
+            id_rows = [{**r, "layer": None, "valid_HR@10": float(r["valid_HR@10"])}
+                       for r in csv.DictReader(fh) if r["cell"] == "id"]
+        report = []
+    else:
+        report, id_rows = control("Positive control: oracle SYNTHETIC topic features", corpus / "pairs.tsv", topics,
+                                  args.seeds, out / "synthetic")
+        print("\n".join(report), flush=True)
+    if args.test_features and not args.skip_main:
         npz = extract_to_npz(Path(args.test_features), out / "test-model.npz")
-        lines, _ = control("Negative control: random-weight TEST MODEL hidden states", corpus / "pairs.tsv",
+        lines, _ = control("Random-weight TEST MODEL hidden states", corpus / "pairs.tsv",
                            FeatureSpec(features=str(npz)), args.seeds, out / "test-model", id_rows)
+        print("\n" + "\n".join(lines), flush=True)
+        report += [""] + lines
+    if args.test_features and args.permuted:
+        npz = extract_to_npz(Path(args.test_features), out / "test-model-permuted.npz", permute=True)
+        lines, _ = control("Null control: the same TEST MODEL hidden states, permuted across items", corpus / "pairs.tsv",
+                           FeatureSpec(features=str(npz)), args.seeds, out / "test-model-permuted", id_rows)
         print("\n" + "\n".join(lines), flush=True)
         report += [""] + lines
     if args.paper_variant:
