@@ -1,18 +1,11 @@
 """Run reports as Prefect artifacts: the markdown builders as plain functions, and artifacts
 published by flow runs read back through the Prefect client from a real Prefect server started
-on loopback (stopped, with its process group, when the module's tests end)."""
+on loopback (the session's test harness)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -64,61 +57,16 @@ def test_study_markdown_carries_the_results_table_and_plot_paths(tmp_path):
 # --- a real Prefect server on loopback ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME; yields the API URL."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: stopped as a whole below
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # wait for the health endpoint (an event), not a fixed sleep
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("prefect server did not become healthy in 120 s") from None
-                time.sleep(0.25)  # polling interval only; nothing is asserted on time
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-        try:  # nothing of the group may outlive the fixture
-            os.killpg(proc.pid, 0)
-            leaked = True
-        except ProcessLookupError:
-            leaked = False
-        assert not leaked, "prefect server left processes behind"
-
-
 @pytest.fixture()
-def against(prefect_server):
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+def against(prefect_harness):
+    """The session's Prefect API: a real server (uvicorn in a subprocess on 127.0.0.1) started by
+    Prefect's test harness. One server for the whole session, because Prefect's background services
+    (events, concurrency leases) are process-wide and would keep calling a second server after it stopped."""
+    from prefect.settings import PREFECT_API_URL
 
-    # Logs stay local: their background sender would otherwise outlive the server at exit.
-    with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
-        yield prefect_server
+    url = PREFECT_API_URL.value()
+    assert url and url.startswith("http://127.0.0.1:"), url
+    return url
 
 
 def read_artifacts(key: str) -> list:
