@@ -12,10 +12,9 @@ import typing
 from pathlib import Path
 
 import pytest
-import typer.main
 
-from mvrec.cli import app
 from mvrec.config import Config
+from test_cli import registered_commands  # one walk of the Typer app for both test files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -92,20 +91,6 @@ def test_the_link_checker_sees_a_broken_link(tmp_path):
                     "```\n[fenced](nor-this.md)\n```\n")
     assert links(page) == ["#title", "missing.md"]
     assert anchors(page) == {"title"}
-
-
-def registered_commands() -> list[tuple[str, ...]]:
-    """Every command path of the Typer app, groups and their subcommands, e.g. ("store", "tag")."""
-    found: list[tuple[str, ...]] = []
-
-    def walk(group, prefix: tuple[str, ...]) -> None:
-        for name, command in group.commands.items():
-            found.append(prefix + (name,))
-            if hasattr(command, "commands"):
-                walk(command, prefix + (name,))
-
-    walk(typer.main.get_command(app), ())
-    return found
 
 
 @pytest.mark.parametrize("command", registered_commands(), ids=" ".join)
