@@ -56,6 +56,24 @@ _STORE = typer.Option(None, "--store", help="Feature store path or URI (default:
 _RUNNER = typer.Option(None, "--task-runner", help="threads | dask | ray (default: prefect.task_runner).")
 
 
+def _run_nightly_refresh(prefix: str, source: str, **kwargs) -> dict:
+    """Run the nightly-refresh flow against a Prefect API that dies with this process; exit 1 if it failed."""
+    from flows.runtime import start_api
+
+    start_api()  # before Prefect is imported; a server that dies with this process
+    from flows.refresh import nightly_refresh
+
+    work_started()
+    state = nightly_refresh(source, return_state=True,
+                            config_path=str(_state["config_path"]) if _state["config_path"] else None, **kwargs)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        # Committed work stays committed; the run is in Prefect and in the store's `runs` table.
+        err_console.print(f"error: {prefix}{result}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    return result
+
+
 @app.command()
 def refresh(
     source: Optional[str] = _SOURCE,
@@ -85,19 +103,7 @@ def refresh(
                           f"{work['extractor_id']}, {work['known_broken']} with recorded failures "
                           "(see `mvrec rerun-failed`); use --always to run the flow anyway")
             return
-    from flows.runtime import start_api
-
-    start_api()  # before Prefect is imported; a server that dies with this process
-    from flows.refresh import nightly_refresh
-
-    work_started()
-    state = nightly_refresh(source, overrides=overrides, interactions=interactions, return_state=True,
-                            config_path=str(_state["config_path"]) if _state["config_path"] else None)
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        # Committed work stays committed; the run is in Prefect and in the store's `runs` table.
-        err_console.print(f"error: refresh failed: {result}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+    result = _run_nightly_refresh("refresh failed: ", source, overrides=overrides, interactions=interactions)
     _print_summary("refresh", result["extract"])
     console.print(f"captions embedded: {result['captions_embedded']}")
     if result.get("train"):
@@ -115,18 +121,7 @@ def rerun_failed(
     overrides = _overrides(model=model, backend=backend, store=store)
     cfg = _prepare(overrides)
     source = source or cfg.refresh.source
-    from flows.runtime import start_api
-
-    start_api()  # before Prefect is imported; a server that dies with this process
-    from flows.refresh import nightly_refresh
-
-    work_started()
-    state = nightly_refresh(source, overrides=overrides, only_failed=True, return_state=True,
-                            config_path=str(_state["config_path"]) if _state["config_path"] else None)
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        err_console.print(f"error: {result}", markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+    result = _run_nightly_refresh("", source, overrides=overrides, only_failed=True)
     _print_summary("rerun-failed", result["extract"])
     console.print(f"captions embedded: {result['captions_embedded']}")
 
