@@ -24,7 +24,6 @@ from storage import ExtractionBatch, FailureRow
 STAGE = "quality"
 # error_type of each failure class (a failure row's reason)
 NON_FINITE, WRONG_DIM, ZERO_NORM = "NonFiniteEmbedding", "WrongDimension", "ZeroNormEmbedding"
-QUALITY_ERRORS = (NON_FINITE, WRONG_DIM, ZERO_NORM)
 
 
 def _get(row: Any, name: str, default: Any = None) -> Any:
