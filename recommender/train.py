@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -112,6 +113,16 @@ def negative_distribution(data: SeqData, sampler: str) -> torch.Tensor | None:
     raise ValueError(f"unknown train.negative_sampler {sampler!r} (uniform | popularity)")
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """constant, or cosine: lr x (1 + cos(pi x step / total_steps)) / 2, stepped once per batch."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps)
+                                                                                         / total_steps)))
+    raise ValueError(f"unknown train.lr_schedule {schedule!r} (constant | cosine)")
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -162,6 +173,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
     # Length-bucketed batches hold very different numbers of positions; weighting each batch's mean
     # loss by its share keeps every position's weight equal, as with random batches.
     mean_positions = lengths[train_users].sum() / n_batches
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.max_epochs * n_batches)
 
     best, best_epoch, wait, epoch = -1.0, 0, 0, 0
     fields = ["epoch", "train_loss", "seconds", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
@@ -185,6 +197,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 (loss * (lengths[batch].sum() / mean_positions)).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
+                sched.step()
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch} loss {np.mean(losses):.4f}")
             train_s = time.perf_counter() - t0

@@ -146,3 +146,25 @@ def test_auto_loss_by_catalogue_size():
     assert resolve_loss("auto", 1000) == "full" and resolve_loss("auto", 10**6) == "sampled"
     with pytest.raises(ValueError, match="unknown loss"):
         resolve_loss("inbatch", 10)
+
+
+def test_cosine_schedule_decays_to_zero_by_step():
+    from recommender.train import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    sched = lr_scheduler(opt, "cosine", total_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.4) and seen[5] == pytest.approx(0.2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert seen == sorted(seen, reverse=True)
+    const = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    const_sched = lr_scheduler(const, "constant", 10)
+    const.step()
+    const_sched.step()
+    assert const.param_groups[0]["lr"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_scheduler(opt, "step", 10)
