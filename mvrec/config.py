@@ -156,11 +156,11 @@ class TrainConfig:
     source: str = "hidden:all"
     # Mask each user's other training items out of the training softmax, as the paper does.
     mask_history: bool = True
-    # fuse/dff: items with fewer training interactions than this get no ID embedding, only content,
-    # and in training this share of item occurrences drops its ID embedding, so the content-only path
-    # learns typical items. 0 and 0.0 are the paper's DFF. See docs/recommender.md, "Controls".
-    id_min_count: int = 5
-    id_dropout: float = 0.5
+    # The cold-item rule, off by default (the paper's models): items with fewer training interactions
+    # than id_min_count drop their own ID embedding (fuse/dff: content only; id: one shared row), and
+    # in training id_dropout of item occurrences do too. The study sets it for every cell (study.id_*).
+    id_min_count: int = 0
+    id_dropout: float = 0.0
     eval_batch_size: int = 1024
     # full | sampled (100 random negatives, the SASRec paper's protocol)
     eval_protocol: str = "full"
@@ -183,6 +183,10 @@ class StudyConfig:
     layers: str = "all"
     # Representations to run (a subset of id,replace,fuse,dff); all four is the paper's grid.
     representations: str = "id,replace,fuse,dff"
+    # The cold-item rule (train.id_min_count / id_dropout) for every cell, id included, so that the
+    # cells treat cold items alike; see docs/recommender.md, "Controls".
+    id_min_count: int = 5
+    id_dropout: float = 0.5
 
 
 @dataclass
@@ -334,6 +338,10 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
 
 
+def _unit_interval(v: float) -> str | None:
+    return None if 0 <= v < 1 else f"must be >= 0 and < 1, got {v!r}"
+
+
 def _any(v: Any) -> str | None:
     return None
 
@@ -439,11 +447,12 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.num_negatives": _min(1), "train.negative_sampler": _one_of("uniform", "popularity"),
     "train.eval_users": _min(0), "train.seed": _min(0), "train.device": _device, "train.out": _nonempty,
     "train.representation": _one_of(*REPRESENTATIONS), "train.source": _train_source, "train.mask_history": _any,
-    "train.id_min_count": _min(0), "train.id_dropout": lambda v: None if 0 <= v < 1 else f"must be >= 0 and < 1, got {v!r}",
+    "train.id_min_count": _min(0), "train.id_dropout": _unit_interval,
     "train.eval_batch_size": _min(1), "train.eval_protocol": _one_of("full", "sampled"),
     "train.missing_features": _one_of("zero", "error"), "train.num_threads": _min(0),
     "study.seeds": _min(1), "study.out": _nonempty, "study.max_epochs": _min(1), "study.batch_size": _min(1),
     "study.lr": _positive, "study.layers": _layers, "study.representations": _representations,
+    "study.id_min_count": _min(0), "study.id_dropout": _unit_interval,
 }
 
 

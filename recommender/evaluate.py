@@ -1,7 +1,9 @@
 """Ranking metrics: full ranking over the catalogue (or the sampled 100-negative protocol).
 
 rank = 1 + number of candidates scored strictly higher than the target, after each user's
-history (everything before the target, except the target itself) is masked out.
+history (everything before the target, except the target itself) is masked out; candidates that
+score exactly the same as the target (items that share one embedding, e.g. the study's rare-item
+row) put it at a uniformly random place among them (seeded), neither first nor last.
 HR@K = [rank <= K];  NDCG@K = [rank <= K] / log2(rank + 1).  All vectorised over users.
 """
 
@@ -46,8 +48,14 @@ def history_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, n_c
     return mask
 
 
-def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-               ) -> torch.Tensor:
+def _tie_break(higher: torch.Tensor, equal: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """1-based ranks: after the `higher` candidates, at a uniform place among the `equal` ones."""
+    u = torch.rand(len(higher), generator=generator).to(higher.device)
+    return (higher + (u * (equal + 1)).long() + 1).to(torch.int32)
+
+
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+               ties: torch.Generator | None = None) -> torch.Tensor:
     """scores [B, n_items + 1] (column 0 = padding), targets [B] -> 1-based ranks (int32). Overwrites `scores`.
 
     seen: bool [B, n_items + 1], or (rows, items) index pairs (cheaper: no dense mask).
@@ -56,7 +64,10 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor |
 
     The count is fused into `scores` itself: `gt_` turns each score into 1.0 / 0.0 in place and a
     float32 row sum counts them (exact below 2**24 columns), so no extra [B, n] tensor is allocated;
-    summing a bool tensor with an integer dtype was about 2x slower."""
+    summing a bool tensor with an integer dtype was about 2x slower.
+
+    ties: a generator when equal scores can occur (see has_tied_items); the target then takes a
+    random place among the candidates that score the same (a second pass over the scores)."""
     if scores.dtype != torch.float32:
         scores = scores.float()
     target_scores = scores.gather(1, targets[:, None])
@@ -65,6 +76,9 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor |
     else:
         scores.masked_fill_(seen, float("-inf"))
     scores[:, 0] = float("-inf")
+    if ties is not None:
+        scores[torch.arange(len(targets), device=scores.device), targets] = float("-inf")  # not its own tie
+        return _tie_break((scores > target_scores).sum(1), (scores == target_scores).sum(1), ties)
     if scores.shape[1] >= 2**24:  # float32 counts would round
         return (scores > target_scores).sum(1, dtype=torch.int64).to(torch.int32) + 1
     return scores.gt_(target_scores).sum(1).to(torch.int32) + 1
@@ -84,20 +98,35 @@ def sampled_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tenso
             break
         neg[bad] = torch.randint(1, n_cols, (int(bad.sum()),), generator=generator).to(scores.device)
     target_scores = scores.gather(1, targets[:, None]).float()
-    return (scores.gather(1, neg).float() > target_scores).sum(1) + 1
+    neg_scores = scores.gather(1, neg).float()
+    higher, equal = (neg_scores > target_scores).sum(1), (neg_scores == target_scores).sum(1)
+    if equal.any():  # drawn only then, so the negatives of later batches stay those of a tie-free model
+        return _tie_break(higher, equal, generator)
+    return (higher + 1).to(torch.int32)
+
+
+def has_tied_items(items: torch.Tensor) -> bool:
+    """Whether two real items (rows 1..n of the item table) have the same embedding, so that every
+    user scores them equally. One sort of n rows: the cheap check that keeps tie-free models on
+    the one-pass count."""
+    rows = items[1:]
+    return bool(torch.unique(rows, dim=0).shape[0] < rows.shape[0])
 
 
 @torch.no_grad()
 def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024,
-                       device: str | torch.device = "cpu") -> torch.Tensor:
+                       device: str | torch.device = "cpu", seed: int = 0) -> torch.Tensor:
     """1-based full-ranking ranks of every user's `split` target, int32 [n_users], on the CPU.
 
     Per batch of users: encode (last position only), score every item into one reused buffer
-    (a fresh [B, n] tensor per batch cost page faults), mask the history in place, count."""
+    (a fresh [B, n] tensor per batch cost page faults), mask the history in place, count.
+    Ties are broken at random (seeded by `seed`) only when the item table has duplicate rows."""
     model.eval()
     inputs, targets = data.targets(split)
     indptr, indices = data.history(split)
-    items_t = model.all_items().T  # [dim, n_items + 1], a view (same product as before)
+    items = model.all_items()
+    items_t = items.T  # [dim, n_items + 1], a view (same product as before)
+    ties = torch.Generator().manual_seed(seed) if has_tied_items(items) else None
     buf = torch.empty(min(batch_size, data.n_users), items_t.shape[1], dtype=torch.float32, device=device)
     ranks = torch.empty(data.n_users, dtype=torch.int32)
     for start in range(0, data.n_users, batch_size):
@@ -105,7 +134,8 @@ def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024
         user_vec = model.user_vectors(torch.as_tensor(inputs[users], device=device)).float()
         scores = torch.mm(user_vec, items_t, out=buf[:len(users)])
         tgt = torch.as_tensor(targets[users], device=device)
-        ranks[start:start + len(users)] = full_ranks(scores, tgt, history_index(indptr, indices, users, device)).cpu()
+        seen = history_index(indptr, indices, users, device)
+        ranks[start:start + len(users)] = full_ranks(scores, tgt, seen, ties).cpu()
     return ranks
 
 
@@ -118,7 +148,7 @@ def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: 
     model.eval()
     inputs, targets = data.targets(split)
     if protocol == "full":
-        ranks = full_ranking_ranks(model, data, split, batch_size, device)
+        ranks = full_ranking_ranks(model, data, split, batch_size, device, seed)
     else:
         indptr, indices = data.history(split)
         items = model.all_items()

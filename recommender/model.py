@@ -4,7 +4,7 @@
     user seq ── e + position ──> causal Transformer blocks ──> h_t ;  score(t, i) = h_t · e_i
 
 Item representations (`features` is a frozen buffer [n_items + 1, L, D], row 0 = padding):
-    id       e = E_id[i]
+    id       e = E_id[i]                                 (rare items: one shared learned row, see ItemEmbedding)
     replace  e = W h_i                                   (the content vector replaces the ID)
     fuse     e_v = ReLU(W_p h_i);  g = σ(W_g[e_id; e_v] + b);  e = g⊙e_id + (1−g)⊙e_v   (L = 1)
     dff      h_i = Σ_l softmax(w)_l h_{i,l}, then as fuse   (w learned, initialised equal)
@@ -22,10 +22,12 @@ MODES = ("id", "replace", "fuse", "dff")
 class ItemEmbedding(nn.Module):
     def __init__(self, n_items: int, dim: int, mode: str = "id", features: torch.Tensor | None = None,
                  id_mask: torch.Tensor | None = None, id_dropout: float = 0.0):
-        """id_mask [n_items + 1] (bool, fuse/dff): items whose ID embedding is used; the others are
-        represented by their content alone (TrainConfig.id_min_count). id_dropout: in training, the
-        share of item occurrences that drop their ID embedding, so the content-only path learns what
-        a typical item of its kind scores, not only what a rare one does (DropoutNet)."""
+        """The cold-item rule (StudyConfig.id_min_count / id_dropout; off by default):
+        id_mask [n_items + 1] (bool): items whose own ID embedding is used; the others (rare items)
+        fall back to their content alone (fuse/dff) or, in `id`, which has no content, to one shared
+        learned "rare item" row. id_dropout: in training, the share of item occurrences that take
+        that fallback too, so it learns what a typical item scores, not only what a rare one does
+        (DropoutNet). Every cell of the study gets the same rule, so they treat cold items alike."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown item representation {mode!r} (one of {', '.join(MODES)})")
@@ -47,10 +49,12 @@ class ItemEmbedding(nn.Module):
             nn.init.xavier_normal_(self.id.weight)
             with torch.no_grad():
                 self.id.weight[0].zero_()
-        if mode in ("fuse", "dff"):
-            self.gate = nn.Linear(2 * dim, dim)
             if id_mask is not None:
                 self.register_buffer("id_keep", id_mask.float()[:, None], persistent=False)
+        if mode == "id" and (id_mask is not None or id_dropout > 0):
+            self.rare = nn.Parameter(torch.randn(dim) * self.id.weight[1:].std().item())
+        if mode in ("fuse", "dff"):
+            self.gate = nn.Linear(2 * dim, dim)
         if mode == "dff":
             self.layer_logits = nn.Parameter(torch.ones(features.shape[1]))
 
@@ -63,16 +67,25 @@ class ItemEmbedding(nn.Module):
             return torch.einsum("...ld,l->...d", h, self.layer_weights())
         return h[..., 0, :]
 
+    def id_kept(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """[..., 1] 1.0 where an occurrence uses its own ID row, 0.0 where it takes the fallback;
+        None when the cold-item rule is off."""
+        keep = self.id_keep[ids] if hasattr(self, "id_keep") else None
+        if self.training and self.id_dropout > 0:
+            drop = (torch.rand(ids.shape + (1,), device=ids.device) >= self.id_dropout).float()
+            keep = drop if keep is None else keep * drop
+        return keep
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.mode == "id":
-            return self.id(ids)
         if self.mode == "replace":
             return self.proj(self.content(ids)) * (ids != 0).unsqueeze(-1)
-        e_id = self.id(ids)
-        if hasattr(self, "id_keep"):
-            e_id = e_id * self.id_keep[ids]
-        if self.training and self.id_dropout > 0:
-            e_id = e_id * (torch.rand(ids.shape + (1,), device=ids.device) >= self.id_dropout)
+        e_id, keep = self.id(ids), self.id_kept(ids)
+        if self.mode == "id":
+            if keep is None:
+                return e_id
+            return (keep * e_id + (1 - keep) * self.rare) * (ids != 0).unsqueeze(-1)
+        if keep is not None:
+            e_id = e_id * keep
         e_v = F.relu(self.proj(self.content(ids)))
         g = torch.sigmoid(self.gate(torch.cat([e_id, e_v], dim=-1)))
         return (g * e_id + (1 - g) * e_v) * (ids != 0).unsqueeze(-1)  # padding stays zero

@@ -245,8 +245,10 @@ def plot_dff_weights(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainConfig:
+    """The TrainConfig of every cell: the study's keys over train's (the one place they apply)."""
     return dataclasses.replace(apply_preset(train_cfg), max_epochs=study_cfg.max_epochs,
-                               batch_size=study_cfg.batch_size, lr=study_cfg.lr)
+                               batch_size=study_cfg.batch_size, lr=study_cfg.lr,
+                               id_min_count=study_cfg.id_min_count, id_dropout=study_cfg.id_dropout)
 
 
 def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,

@@ -62,11 +62,11 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | None = None,
                 train_counts: np.ndarray | None = None) -> SASRec:
     feats = None if cfg.representation == "id" else torch.as_tensor(features)
-    id_mask = None
-    if cfg.id_min_count > 0 and cfg.representation in ("fuse", "dff") and train_counts is not None:
-        id_mask = torch.as_tensor(train_counts >= cfg.id_min_count)  # rarer items: content only
+    id_mask = None  # the cold-item rule (off by default; the study turns it on for every cell)
+    if cfg.id_min_count > 0 and cfg.representation != "replace" and train_counts is not None:
+        id_mask = torch.as_tensor(train_counts >= cfg.id_min_count)  # rarer items: content / shared row
     items = ItemEmbedding(n_items, cfg.dim, cfg.representation, feats, id_mask,
-                          cfg.id_dropout if cfg.representation in ("fuse", "dff") else 0.0)
+                          cfg.id_dropout if cfg.representation != "replace" else 0.0)
     return SASRec(items, cfg.max_seq_len, cfg.dim, cfg.n_blocks, cfg.n_heads, cfg.dropout)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from recommender.evaluate import full_ranks, history_index, history_mask, metrics_from_ranks, sampled_ranks
+from recommender.evaluate import (full_ranking_ranks, full_ranks, has_tied_items, history_index, history_mask,
+                                  metrics_from_ranks, sampled_ranks)
 
 
 def test_metrics_hand_computed():
@@ -94,3 +95,90 @@ def test_sampled_ranks_use_unseen_negatives_only():
     # target 100: the only unseen item above it is 200 (the negatives are 1..99 and maybe 200)
     assert ranks[2] in (1, 2)
     assert 1 <= ranks[3] <= 2
+
+
+def _tied_scores(n_users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Items 1-2 score 9 (higher), the target 3 and items 4-7 score 5 (its ties), items 8-9 score 1."""
+    row = torch.tensor([0.0, 9, 9, 5, 5, 5, 5, 5, 1, 1])
+    return row.repeat(n_users, 1), torch.full((n_users,), 3), torch.zeros(n_users, 10, dtype=torch.bool)
+
+
+def test_tied_target_takes_a_uniform_place_among_its_ties():
+    scores, targets, seen = _tied_scores(5000)
+    ranks = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
+    # 2 items above, 4 tied: ranks 3..7, each about 1/5 of the time (not always 3, as a strict count says)
+    counts = np.bincount(ranks.numpy(), minlength=8)
+    assert counts[:3].sum() == 0 and counts[3:].sum() == 5000
+    assert np.all(np.abs(counts[3:] / 5000 - 0.2) < 0.03), counts
+    again = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
+    assert torch.equal(ranks, again)  # seeded: reproducible
+    assert full_ranks(scores.clone(), targets, seen).unique().tolist() == [3]  # without ties: the strict count
+    # a seen tie drops out of the tie set; a target in the history stays rankable
+    seen[:, [4, 5, 3]] = True
+    masked = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
+    assert set(masked.tolist()) == {3, 4, 5}
+
+
+def test_sampled_ranks_break_ties_at_random_and_keep_tie_free_draws():
+    n_items = 300
+    scores = torch.zeros(4, n_items + 1)  # every item ties with the target
+    ranks = sampled_ranks(scores, torch.tensor([1, 2, 3, 4]), torch.zeros(4, n_items + 1, dtype=torch.bool),
+                          torch.Generator().manual_seed(0), num_negatives=100)
+    big = sampled_ranks(torch.zeros(4000, n_items + 1), torch.ones(4000, dtype=torch.long),
+                        torch.zeros(4000, n_items + 1, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert ranks.min() >= 1 and ranks.max() <= 101
+    assert abs(big.double().mean().item() - 51) < 1.5  # uniform over 1..101
+    # no ties: the strict count over the same negatives, and no extra draw from the generator
+    n_items = 5000
+    distinct = torch.randn(6, n_items + 1)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    tgt, seen = torch.arange(1, 7), torch.zeros(6, n_items + 1, dtype=torch.bool)
+    a = sampled_ranks(distinct, tgt, seen, gen_a)
+    neg = torch.randint(1, n_items + 1, (6, 100), generator=gen_b)  # the draw sampled_ranks makes
+    assert not (neg == tgt[:, None]).any()  # (seed 3: no collision with the target, so no redraw)
+    expected = (distinct.gather(1, neg) > distinct.gather(1, tgt[:, None])).sum(1) + 1
+    assert a.tolist() == expected.tolist()
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())
+
+
+def test_has_tied_items_looks_at_real_items_only():
+    table = torch.randn(6, 4)
+    table[0] = 0  # padding
+    assert not has_tied_items(table)
+    table[5] = 0  # equal to the padding row only: not a tie (padding is never ranked)
+    assert not has_tied_items(table)
+    table[3] = table[2]
+    assert has_tied_items(table)
+
+
+def test_model_without_ties_ranks_as_the_strict_count_and_shared_rows_tie_at_random():
+    """full_ranking_ranks on a real model: tie-free, it equals the one-pass strict count; with a
+    shared rare-item row (the study's `id` cell) the cold targets' ranks spread over their ties."""
+    from mvrec.config import TrainConfig
+    from recommender.data import build_sequences
+    from recommender.synthetic import planted
+    from recommender.train import build_model
+
+    seqs, _ = planted(200, 60, n_topics=6, seed=1)
+    data = build_sequences(seqs)
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(dim=16), data.n_items).eval()
+    ranks = full_ranking_ranks(model, data, "test", batch_size=64)
+    inputs, targets = data.targets("test")
+    indptr, indices = data.history("test")
+    users = np.arange(data.n_users)
+    with torch.no_grad():
+        scores = model.score_all(torch.as_tensor(inputs))
+    strict = full_ranks(scores, torch.as_tensor(targets), history_index(indptr, indices, users))
+    assert torch.equal(ranks, strict)
+
+    rare = build_model(TrainConfig(dim=16, id_min_count=10**6), data.n_items, None, data.train_counts).eval()
+    with torch.no_grad():  # every item is rare: one shared row, every score ties
+        assert has_tied_items(rare.all_items())
+    tied = full_ranking_ranks(rare, data, "test", batch_size=64, seed=0)
+    assert torch.equal(tied, full_ranking_ranks(rare, data, "test", batch_size=64, seed=0))
+    ties = np.array([data.n_items - 1 - len(set(indices[indptr[u]:indptr[u + 1]].tolist()) - {int(targets[u])})
+                     for u in range(data.n_users)])  # unseen items other than the target: all tie with it
+    assert np.all(tied.numpy() >= 1) and np.all(tied.numpy() <= ties + 1)
+    # a uniform place among them: mean rank 1 + ties / 2, not 1 (what a strict count would say)
+    assert abs(tied.double().mean().item() - (1 + ties / 2).mean()) < 3 * np.sqrt((ties ** 2 / 12).mean() / len(ties))

@@ -1,5 +1,6 @@
 """Recommender: data parsing and split, feature alignment, the DFF gate, training, recommend."""
 
+import dataclasses
 import json
 from pathlib import Path
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvrec.config import TrainConfig
+from mvrec.config import StudyConfig, TrainConfig
 from recommender.data import build_sequences, read_interactions
 from recommender.features import FeatureBank, _align, load_file_features
 from recommender.model import ItemEmbedding, SASRec
@@ -299,3 +300,61 @@ def test_build_model_masks_items_below_id_min_count():
     assert model.items.id_keep[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert not hasattr(build_model(TrainConfig(representation="fuse", id_min_count=0, dim=8), 4, feats, counts).items,
                        "id_keep")
+    # the id cell gets the same mask (and its shared rare row)
+    ident = build_model(TrainConfig(id_min_count=5, id_dropout=0.5, dim=8), 4, None, counts).items
+    assert ident.id_keep[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0] and ident.id_dropout == 0.5
+
+
+def test_the_rule_is_off_by_default_the_papers_models():
+    from recommender.train import build_model
+
+    cfg = TrainConfig(dim=8)
+    assert (cfg.id_min_count, cfg.id_dropout) == (0, 0.0)
+    counts = np.array([0, 9, 1, 5, 4])
+    ident = build_model(cfg, 4, None, counts).items
+    assert [n for n, _ in ident.named_parameters()] == ["id.weight"] and not hasattr(ident, "id_keep")
+    fuse = build_model(dataclasses.replace(cfg, representation="fuse"), 4, np.zeros((5, 1, 3), np.float32), counts)
+    assert not hasattr(fuse.items, "id_keep") and fuse.items.id_dropout == 0.0
+
+
+def test_id_rare_items_share_one_learned_row():
+    torch.manual_seed(0)
+    emb = ItemEmbedding(5, 8, "id", id_mask=torch.tensor([True, True, False, True, False, True]),
+                        id_dropout=0.9999).eval()
+    table = emb(torch.arange(6)).detach()
+    assert torch.equal(table[0], torch.zeros(8))  # padding stays zero
+    torch.testing.assert_close(table[2], emb.rare.detach())
+    torch.testing.assert_close(table[4], emb.rare.detach())  # rare items 2 and 4 tie exactly
+    torch.testing.assert_close(table[1], emb.id.weight[1].detach())  # frequent items keep their own row
+    assert not torch.allclose(table[1], table[3])
+    emb.train()  # training: (almost) every occurrence takes the shared row, and the row learns
+    out = emb(torch.tensor([[1, 3, 0]]))
+    torch.testing.assert_close(out[0, :2].detach(), emb.rare.detach().expand(2, 8))
+    out.sum().backward()
+    assert emb.rare.grad is not None and emb.rare.grad.abs().sum() > 0
+
+
+def test_the_study_applies_the_rule_to_every_cell():
+    from recommender.study import run_study
+    from recommender.train import build_model
+
+    seqs, item_topic = planted(60, 30, n_topics=3, seed=0)
+    data = build_sequences(seqs)
+    bank = FeatureBank(hidden=np.random.default_rng(0).standard_normal((data.n_items + 1, 2, 4)), layers=[0, 1])
+    seen = {}
+
+    def record(data, bank, cell, train_cfg, seeds, out, progress, log):  # the cell's config, no training
+        seen[cell.name] = train_cfg
+        return []
+
+    study = StudyConfig(id_min_count=3, id_dropout=0.25)
+    run_study(data, bank, TrainConfig(), study, "unused", run=record, report=lambda rows, out, bank: {})
+    assert set(seen) == {"id", "fuse hidden:0", "fuse hidden:1", "dff hidden:0,1"}
+    for name, cfg in seen.items():
+        assert (cfg.id_min_count, cfg.id_dropout) == (3, 0.25), name
+        rep = name.split()[0]
+        feats = None if rep == "id" else bank.hidden[:, :1 if rep == "fuse" else 2]
+        items = build_model(dataclasses.replace(cfg, representation=rep), data.n_items, feats, data.train_counts).items
+        assert items.id_keep[1:, 0].tolist() == (data.train_counts[1:] >= 3).astype(float).tolist()
+        assert items.id_dropout == 0.25 and hasattr(items, "rare") == (rep == "id")
+    assert (StudyConfig().id_min_count, StudyConfig().id_dropout) == (5, 0.5)
