@@ -38,6 +38,9 @@ def demo_data_cmd(
     workers: int = typer.Option(2, "--workers", "-w", min=1, help="Encoder processes."),
     cold_items: float = typer.Option(0.0, "--cold-items", min=0.0, max=1.0,
                                      help="Share of users whose test item is cold (a positive control for content)."),
+    unrelated_visuals: bool = typer.Option(False, "--unrelated-visuals",
+                                           help="Draw each video from a random topic, not its item's "
+                                                "(a negative control for content)."),
 ) -> None:
     """Write a synthetic MicroLens-style corpus: real videos, pairs.tsv, items.csv, corpus.json."""
     import time
@@ -53,7 +56,7 @@ def demo_data_cmd(
                   console=err_console, transient=True) as bar:
         task = bar.add_task("encode", total=videos)
         meta = make_demo_corpus(out, videos=videos, users=users, seed=seed, workers=workers, cold_test_share=cold_items,
-                                progress=lambda done, total: bar.update(task, completed=done))
+                                unrelated_visuals=unrelated_visuals, progress=lambda done, total: bar.update(task, completed=done))
     stats = meta["stats"]
     console.print(
         f"wrote {videos} videos and {users} users ({stats['interactions']} interactions, "

@@ -13,6 +13,10 @@ after which. So "does video content help recommendation?" has a real answer in t
 Titles are only weakly informative: most words are generic, a few come from the topic's
 vocabulary and a few from another topic's.
 
+With `unrelated_visuals` (a negative control for content features), each video is drawn from a
+seeded random topic of its own, independent of the item's topic: the pixels then say nothing
+about behaviour. Titles keep the item's topic words.
+
 Layout written under `out_dir`:
 
     videos/<item_id>.mp4|.mkv   real videos (libx264 or mpeg4), item ids 1..N without padding
@@ -133,6 +137,9 @@ class CorpusParams:
     p_random: float = 0.05
     # Zipf exponent of popularity within a topic.
     zipf_exponent: float = 1.0
+    # Draw each video from a random topic unrelated to its item's (a negative control for content
+    # features: `mvrec demo-data --unrelated-visuals`). The interactions and titles do not change.
+    unrelated_visuals: bool = False
     workers: int = 2
 
     def check(self) -> None:
@@ -173,6 +180,7 @@ class VideoSpec:
     n_frames: int
     seed: int  # for the per-video shape layout
     title: str
+    look: int | None = None  # the topic the video is drawn from, when not its own (unrelated_visuals)
 
     @property
     def file(self) -> str:
@@ -193,7 +201,7 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *stream]))
 
 
-_STREAM_TOPICS, _STREAM_VIDEO, _STREAM_USERS, _STREAM_TITLE, _STREAM_COLD_TEST = 1, 2, 3, 4, 5
+_STREAM_TOPICS, _STREAM_VIDEO, _STREAM_USERS, _STREAM_TITLE, _STREAM_COLD_TEST, _STREAM_LOOK = 1, 2, 3, 4, 5, 6
 
 
 def assign_topics(n_items: int, n_topics: int, seed: int) -> np.ndarray:
@@ -240,7 +248,15 @@ def plan_videos(params: CorpusParams, item_topic: np.ndarray) -> Iterator[VideoS
         title = make_title(topic, _rng(params.seed, _STREAM_TITLE, item_id), params.n_topics)
         yield VideoSpec(item_id=item_id, topic=topic, codec=codec, ext=ext, width=width,
                         height=height, fps=fps, n_frames=n_frames,
-                        seed=int(rng.integers(2**31)), title=title)
+                        seed=int(rng.integers(2**31)), title=title, look=video_look(params, item_id))
+
+
+def video_look(params: CorpusParams, item_id: int) -> int | None:
+    """With unrelated_visuals, the random topic item_id's video is drawn from (its own stream, so
+    corpora without the option keep their bytes); else None (its own topic)."""
+    if not params.unrelated_visuals:
+        return None
+    return int(_rng(params.seed, _STREAM_LOOK, item_id).integers(params.n_topics))
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +500,7 @@ def render_frames(spec: VideoSpec) -> Iterator[np.ndarray]:
 
     Drawn straight in YUV: converting RGB frames cost three quarters of the encode time.
     """
-    topic = TOPICS[spec.topic]
+    topic = TOPICS[spec.topic if spec.look is None else spec.look]
     lay = _layout(spec, topic)
     extent = _SHAPE_EXTENT.get(topic.shape, 1.0)
     H, W = spec.height, spec.width
@@ -632,6 +648,9 @@ def make_demo_corpus(
         # Hidden ground truth, for analysis only: never a model input.
         "item_topic": {str(i + 1): int(t) for i, t in enumerate(item_topic)},
         "cold_items": interactions.cold_items,
+        # The topic each video is drawn from, where it is not the item's own.
+        **({"video_look": {str(i): video_look(params, i) for i in range(1, params.videos + 1)}}
+           if params.unrelated_visuals else {}),
     }
     (out / "corpus.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta
