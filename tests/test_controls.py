@@ -13,15 +13,17 @@ from recommender.data import build_sequences
 from recommender.evaluate import COLD_THRESHOLD
 
 
-def _cold_test_targets(share: float) -> tuple[int, list]:
+def _cold_targets(share: float, split: str = "test") -> tuple[int, list]:
     inter = make_interactions(CorpusParams(cold_test_share=share))
     data = build_sequences({str(u): [str(i) for i in s] for u, s in enumerate(inter.sequences)}, 5, 10)
-    return int((data.train_counts[data.test_targets] < COLD_THRESHOLD).sum()), inter
+    return int((data.train_counts[data.targets(split)[1]] < COLD_THRESHOLD).sum()), inter
 
 
 def test_cold_items_option_gives_hundreds_of_cold_test_targets():
-    n_cold, inter = _cold_test_targets(0.3)
+    n_cold, inter = _cold_targets(0.3)
     assert n_cold >= 300
+    # validation looks like the test split, so early stopping and the layer choice see cold targets too
+    assert abs(_cold_targets(0.3, "valid")[0] - n_cold) < 0.25 * n_cold
     cold = set(inter.cold_items)
     topic = inter.item_topic
     swapped = [s for s in inter.sequences if s[-1] in cold]
@@ -31,7 +33,7 @@ def test_cold_items_option_gives_hundreds_of_cold_test_targets():
 
 def test_default_corpus_is_unchanged_by_the_option():
     assert make_interactions(CorpusParams()).sequences == make_interactions(CorpusParams(cold_test_share=0.0)).sequences
-    assert _cold_test_targets(0.0)[0] < 50
+    assert _cold_targets(0.0)[0] < 50 and _cold_targets(0.0, "valid")[0] < 50
 
 
 def _palette_guess(mean_rgb: np.ndarray) -> int:

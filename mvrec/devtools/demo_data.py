@@ -127,7 +127,9 @@ class CorpusParams:
     cold_share: float = 0.2
     cold_interactions_per_item: float = 2.0
     # Share of users whose last (test) item is a cold item of the previous item's topic: a
-    # positive control for content features (`mvrec demo-data --cold-items 0.3`).
+    # positive control for content features (`mvrec demo-data --cold-items 0.3`). The second-to-last
+    # (validation) item gets the same draw, so that early stopping and the study's choice of layer
+    # see the test split's share of cold targets.
     cold_test_share: float = 0.0
     # Next item: same topic as the previous one with this probability, else from the user's mix.
     p_same_topic: float = 0.6
@@ -341,10 +343,11 @@ def make_interactions(params: CorpusParams, item_topic: np.ndarray | None = None
     if params.cold_test_share > 0:  # own stream: corpora without it keep their bytes
         crng = _rng(params.seed, _STREAM_COLD_TEST)
         for s in sequences:
-            pool = cold_by_topic.get(int(item_topic[s[-2] - 1]), []) if len(s) >= 2 else []
-            pool = [i + 1 for i in pool if i + 1 not in s]
-            if pool and crng.random() < params.cold_test_share:
-                s[-1] = int(crng.choice(pool))
+            for pos in (len(s) - 2, len(s) - 1):  # the validation target, then the test target
+                pool = cold_by_topic.get(int(item_topic[s[pos - 1] - 1]), []) if pos >= 1 else []
+                pool = [i + 1 for i in pool if i + 1 not in s]
+                if pool and crng.random() < params.cold_test_share:
+                    s[pos] = int(crng.choice(pool))
 
     counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences]) - 1, minlength=n_items)
     stats = {
