@@ -4,7 +4,9 @@ Prints:
   - the time of one training epoch (SASRec, ID items, full softmax over the catalogue);
   - full-ranking evaluation time: the vectorised batched evaluator over all users, against a
     per-user loop (score, mask history, argsort, find the target) on a sample of the same users,
-    both as time per user, and their ratio (goal >= 20x), and how often their ranks agree.
+    both as time per user, and their ratio (goal >= 20x), and how often their ranks agree;
+  - what random tie-breaking costs: the duplicate-row check every evaluation makes, and the
+    tie-aware count on the same model with two items given one shared row.
 
     python bench/train.py [--users 100000] [--items 20000] [--loop-users 2000] [--threads 0]
                           [--epoch-batches N]   # time N batches and extrapolate (a full epoch
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 
 from mvrec.config import TrainConfig  # noqa: E402
 from recommender.data import build_sequences  # noqa: E402
-from recommender.evaluate import full_ranking_ranks, history_mask  # noqa: E402
+from recommender.evaluate import full_ranking_ranks, history_mask, item_ties  # noqa: E402
 from recommender.synthetic import planted  # noqa: E402
 from recommender.losses import next_item_loss  # noqa: E402
 from recommender.train import build_model, set_threads  # noqa: E402
@@ -86,6 +88,9 @@ def main() -> None:
         t = time.perf_counter()
         vec_ranks = full_ranking_ranks(model, data, "test", cfg.eval_batch_size).numpy()
         vec_s = time.perf_counter() - t
+        t = time.perf_counter()
+        item_ties(items)
+        check_s = time.perf_counter() - t
 
         # Per-user loop on a sample: the same model and users, one at a time, argsort.
         sample = np.random.default_rng(1).choice(data.n_users, min(args.loop_users, data.n_users), replace=False)
@@ -108,6 +113,13 @@ def main() -> None:
     print(f"eval vectorised: {data.n_users} users in {vec_s:.2f} s ({vec_per_user * 1e6:.1f} us/user)")
     print(f"eval per-user argsort loop: {len(sample)} users in {loop_s:.2f} s ({loop_per_user * 1e6:.1f} us/user; "
           f"{loop_per_user * data.n_users:.0f} s extrapolated to all users)")
+    with torch.no_grad():  # the same model with two items sharing a row: the tie-aware path
+        model.items.id.weight[2] = model.items.id.weight[1]
+        t = time.perf_counter()
+        full_ranking_ranks(model, data, "test", cfg.eval_batch_size)
+        tie_s = time.perf_counter() - t
+    print(f"eval duplicate-row check (inside every evaluation): {check_s * 1e3:.1f} ms ({check_s / vec_s:.2%} of "
+          f"it); tie-aware count (items 1 and 2 share a row): {tie_s:.2f} s, {tie_s / vec_s:.2f}x the tie-free one")
     print(f"eval speed-up vectorised / loop: {loop_per_user / vec_per_user:.1f}x (goal >= 20x; both on "
           f"{torch.get_num_threads()} thread(s)); "
           f"ranks on the sample: {agree}")

@@ -9,6 +9,8 @@ HR@K = [rank <= K];  NDCG@K = [rank <= K] / log2(rank + 1).  All vectorised over
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -54,8 +56,40 @@ def _tie_break(higher: torch.Tensor, equal: torch.Tensor, generator: torch.Gener
     return (higher + (u * (equal + 1)).long() + 1).to(torch.int32)
 
 
+@dataclass
+class Ties:
+    """Items that share one embedding (identical rows of the item table): every user scores them
+    equally. groups [n_items + 1]: a group id per item (row 0, padding: -1); sizes: items per group."""
+    groups: torch.Tensor
+    sizes: torch.Tensor
+    generator: torch.Generator
+
+
+def item_ties(items: torch.Tensor, seed: int = 0) -> Ties | None:
+    """The tie groups of an item table [n_items + 1, dim], or None when its real rows are distinct
+    (one sort of the table: the check that keeps tie-free models on the plain count)."""
+    if len(items) < 3:
+        return None
+    _, inverse, sizes = torch.unique(items[1:], dim=0, return_inverse=True, return_counts=True)
+    if int(sizes.max()) == 1:
+        return None
+    groups = torch.cat([torch.full((1,), -1, dtype=inverse.dtype, device=inverse.device), inverse])
+    return Ties(groups, sizes, torch.Generator().manual_seed(seed))
+
+
+def _tied_unseen(ties: Ties, targets: torch.Tensor, seen: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 n_cols: int) -> torch.Tensor:
+    """Per user, the unseen items other than the target in the target's tie group: [B]."""
+    groups, sizes = ties.groups.to(targets.device), ties.sizes.to(targets.device)
+    rows, items = seen if isinstance(seen, tuple) else seen.nonzero(as_tuple=True)
+    g = groups[targets]
+    same = (groups[items] == g[rows]) & (items != targets[rows])
+    seen_pairs = torch.unique(rows[same] * n_cols + items[same])  # a history may repeat an item
+    return sizes[g] - 1 - torch.bincount(seen_pairs // n_cols, minlength=len(targets))
+
+
 def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-               ties: torch.Generator | None = None) -> torch.Tensor:
+               ties: Ties | None = None) -> torch.Tensor:
     """scores [B, n_items + 1] (column 0 = padding), targets [B] -> 1-based ranks (int32). Overwrites `scores`.
 
     seen: bool [B, n_items + 1], or (rows, items) index pairs (cheaper: no dense mask).
@@ -66,8 +100,9 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor |
     float32 row sum counts them (exact below 2**24 columns), so no extra [B, n] tensor is allocated;
     summing a bool tensor with an integer dtype was about 2x slower.
 
-    ties: a generator when equal scores can occur (see has_tied_items); the target then takes a
-    random place among the candidates that score the same (a second pass over the scores)."""
+    ties: the item table's tie groups (item_ties), when it has any: the target then takes a random
+    place among the unseen items of its group, which score exactly what it scores. They are known
+    from the table, so the count stays one pass (counting equal scores too took 3.3x as long)."""
     if scores.dtype != torch.float32:
         scores = scores.float()
     target_scores = scores.gather(1, targets[:, None])
@@ -76,12 +111,14 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor |
     else:
         scores.masked_fill_(seen, float("-inf"))
     scores[:, 0] = float("-inf")
-    if ties is not None:
-        scores[torch.arange(len(targets), device=scores.device), targets] = float("-inf")  # not its own tie
-        return _tie_break((scores > target_scores).sum(1), (scores == target_scores).sum(1), ties)
+    equal = None if ties is None else _tied_unseen(ties, targets, seen, scores.shape[1])
     if scores.shape[1] >= 2**24:  # float32 counts would round
-        return (scores > target_scores).sum(1, dtype=torch.int64).to(torch.int32) + 1
-    return scores.gt_(target_scores).sum(1).to(torch.int32) + 1
+        higher = (scores > target_scores).sum(1, dtype=torch.int64)
+    else:
+        higher = scores.gt_(target_scores).sum(1).long()
+    if equal is None:
+        return (higher + 1).to(torch.int32)
+    return _tie_break(higher, equal, ties.generator)
 
 
 def sampled_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor, generator: torch.Generator,
@@ -105,14 +142,6 @@ def sampled_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tenso
     return (higher + 1).to(torch.int32)
 
 
-def has_tied_items(items: torch.Tensor) -> bool:
-    """Whether two real items (rows 1..n of the item table) have the same embedding, so that every
-    user scores them equally. One sort of n rows: the cheap check that keeps tie-free models on
-    the one-pass count."""
-    rows = items[1:]
-    return bool(torch.unique(rows, dim=0).shape[0] < rows.shape[0])
-
-
 @torch.no_grad()
 def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024,
                        device: str | torch.device = "cpu", seed: int = 0) -> torch.Tensor:
@@ -120,13 +149,13 @@ def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024
 
     Per batch of users: encode (last position only), score every item into one reused buffer
     (a fresh [B, n] tensor per batch cost page faults), mask the history in place, count.
-    Ties are broken at random (seeded by `seed`) only when the item table has duplicate rows."""
+    Ties are broken at random (seeded by `seed`) when the item table has duplicate rows."""
     model.eval()
     inputs, targets = data.targets(split)
     indptr, indices = data.history(split)
     items = model.all_items()
     items_t = items.T  # [dim, n_items + 1], a view (same product as before)
-    ties = torch.Generator().manual_seed(seed) if has_tied_items(items) else None
+    ties = item_ties(items, seed)
     buf = torch.empty(min(batch_size, data.n_users), items_t.shape[1], dtype=torch.float32, device=device)
     ranks = torch.empty(data.n_users, dtype=torch.int32)
     for start in range(0, data.n_users, batch_size):

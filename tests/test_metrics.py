@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recommender.evaluate import (full_ranking_ranks, full_ranks, has_tied_items, history_index, history_mask,
+from recommender.evaluate import (full_ranking_ranks, full_ranks, history_index, history_mask, item_ties,
                                   metrics_from_ranks, sampled_ranks)
 
 
@@ -97,26 +97,34 @@ def test_sampled_ranks_use_unseen_negatives_only():
     assert 1 <= ranks[3] <= 2
 
 
-def _tied_scores(n_users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Items 1-2 score 9 (higher), the target 3 and items 4-7 score 5 (its ties), items 8-9 score 1."""
-    row = torch.tensor([0.0, 9, 9, 5, 5, 5, 5, 5, 1, 1])
-    return row.repeat(n_users, 1), torch.full((n_users,), 3), torch.zeros(n_users, 10, dtype=torch.bool)
+def _tied_table(n_users: int):
+    """Item rows: 1-2 score 9 for the user (higher), the target 3 and items 4-7 share one row (ties),
+    8-9 score 1."""
+    user = torch.tensor([1.0, 0.0])
+    items = torch.tensor([[0.0, 0], [9, 0], [9, 1], [5, 0], [5, 0], [5, 0], [5, 0], [5, 0], [1, 0], [1, 1]])
+    scores = (user @ items.T).repeat(n_users, 1)
+    return items, scores, torch.full((n_users,), 3), torch.zeros(n_users, 10, dtype=torch.bool)
 
 
 def test_tied_target_takes_a_uniform_place_among_its_ties():
-    scores, targets, seen = _tied_scores(5000)
-    ranks = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
+    items, scores, targets, seen = _tied_table(5000)
+    ties = item_ties(items, seed=0)
+    assert ties.sizes[ties.groups[3]] == 5 and (ties.groups[[4, 5, 6, 7]] == ties.groups[3]).all()
+    ranks = full_ranks(scores.clone(), targets, seen, ties)
     # 2 items above, 4 tied: ranks 3..7, each about 1/5 of the time (not always 3, as a strict count says)
     counts = np.bincount(ranks.numpy(), minlength=8)
     assert counts[:3].sum() == 0 and counts[3:].sum() == 5000
     assert np.all(np.abs(counts[3:] / 5000 - 0.2) < 0.03), counts
-    again = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
-    assert torch.equal(ranks, again)  # seeded: reproducible
+    assert torch.equal(ranks, full_ranks(scores.clone(), targets, seen, item_ties(items, seed=0)))  # seeded
     assert full_ranks(scores.clone(), targets, seen).unique().tolist() == [3]  # without ties: the strict count
-    # a seen tie drops out of the tie set; a target in the history stays rankable
+    # a seen tie drops out of the tie set (dense mask or index pairs, repeats counted once);
+    # a target in the history stays rankable
     seen[:, [4, 5, 3]] = True
-    masked = full_ranks(scores.clone(), targets, seen, torch.Generator().manual_seed(0))
-    assert set(masked.tolist()) == {3, 4, 5}
+    dense = full_ranks(scores.clone(), targets, seen, item_ties(items, seed=0))
+    assert set(dense.tolist()) == {3, 4, 5}
+    rows, cols = seen.nonzero(as_tuple=True)
+    pairs = (torch.cat([rows, rows]), torch.cat([cols, cols]))
+    assert torch.equal(full_ranks(scores.clone(), targets, pairs, item_ties(items, seed=0)), dense)
 
 
 def test_sampled_ranks_break_ties_at_random_and_keep_tie_free_draws():
@@ -141,14 +149,16 @@ def test_sampled_ranks_break_ties_at_random_and_keep_tie_free_draws():
     assert torch.equal(gen_a.get_state(), gen_b.get_state())
 
 
-def test_has_tied_items_looks_at_real_items_only():
+def test_item_ties_look_at_real_items_only():
     table = torch.randn(6, 4)
     table[0] = 0  # padding
-    assert not has_tied_items(table)
+    assert item_ties(table) is None
     table[5] = 0  # equal to the padding row only: not a tie (padding is never ranked)
-    assert not has_tied_items(table)
+    assert item_ties(table) is None
     table[3] = table[2]
-    assert has_tied_items(table)
+    ties = item_ties(table)
+    assert ties.groups[0] == -1 and ties.groups[2] == ties.groups[3] and ties.sizes[ties.groups[2]] == 2
+    assert len(set(ties.groups[[1, 2, 4, 5]].tolist())) == 4
 
 
 def test_model_without_ties_ranks_as_the_strict_count_and_shared_rows_tie_at_random():
@@ -174,7 +184,7 @@ def test_model_without_ties_ranks_as_the_strict_count_and_shared_rows_tie_at_ran
 
     rare = build_model(TrainConfig(dim=16, id_min_count=10**6), data.n_items, None, data.train_counts).eval()
     with torch.no_grad():  # every item is rare: one shared row, every score ties
-        assert has_tied_items(rare.all_items())
+        assert item_ties(rare.all_items()).sizes.tolist() == [data.n_items]
     tied = full_ranking_ranks(rare, data, "test", batch_size=64, seed=0)
     assert torch.equal(tied, full_ranking_ranks(rare, data, "test", batch_size=64, seed=0))
     ties = np.array([data.n_items - 1 - len(set(indices[indptr[u]:indptr[u + 1]].tolist()) - {int(targets[u])})
