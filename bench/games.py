@@ -56,7 +56,9 @@ def run_side(args) -> None:
 
     torch.set_num_threads(1)
     cfg = apply_preset(TrainConfig(preset=SIDES[args.side], seed=args.seed, num_threads=1, device="cpu"))
-    cfg = dataclasses.replace(cfg, max_epochs=args.max_epochs, patience=args.max_epochs)  # the bench stops it
+    # The bench stops the side; a decaying lr keeps the preset's horizon (max_epochs sets the schedule).
+    epochs = args.max_epochs if cfg.lr_schedule == "constant" else cfg.max_epochs
+    cfg = dataclasses.replace(cfg, max_epochs=epochs, patience=epochs)
     data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
     # The curve's test metrics: 10,000 fixed random users, as the reference implementation evaluates.
     import numpy as np
@@ -232,7 +234,8 @@ def main() -> None:
         if proc.returncode or summary is None:
             raise SystemExit(f"{side} side failed (exit {proc.returncode})")
         c = summary["config"]
-        print(f"  recipe: loss {c['loss']}, batch {c['batch_size']}, dropout {c['dropout']}, lr {c['lr']}, "
+        print(f"  recipe: loss {c['loss']}, batch {c['batch_size']}, dropout {c['dropout']}, lr {c['lr']} "
+              f"({c['lr_schedule']}, {c['max_epochs']} epochs), history masked {c['mask_history']}, "
               f"weight decay {c['weight_decay']}, dim {c['dim']}, max_seq_len {c['max_seq_len']}; "
               f"peak memory {summary['peak_mb']} MB", flush=True)
         if summary["final"]:

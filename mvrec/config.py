@@ -140,7 +140,7 @@ class TrainConfig:
     patience: int = 5
     # A named recipe whose train keys apply first (e.g. sasrec-games); see recommender/presets.py.
     preset: str = ""
-    # auto (full up to 10k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
+    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
     loss: str = "auto"
     # Negatives of the sampled loss, shared by a batch, drawn from: uniform | popularity
     num_negatives: int = 1024
