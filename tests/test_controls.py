@@ -1,11 +1,13 @@
 """The demo corpus' controls: `cold_test_share` makes a share of test targets cold (positive);
-`unrelated_visuals` draws each video from a random topic, unrelated to behaviour (negative)."""
+`unrelated_visuals` draws each video from a random topic, unrelated to behaviour (negative);
+bench/controls.py's permuted twin and criteria."""
 
-import numpy as np
-
+import importlib.util
 import json
+from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from mvrec.devtools.demo_data import TOPICS, CorpusParams, assign_topics, make_interactions, plan_videos, render_frames
@@ -98,3 +100,66 @@ def test_cli_unrelated_visuals(tmp_path, capsys):
         with av.open(str(next((out / "videos").glob(f"{item}.*")))) as container:
             rgb = next(iter(container.decode(video=0))).to_ndarray(format="rgb24")
         assert _palette_guess(rgb.reshape(-1, 3).mean(0)) == look
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("controls", Path(__file__).resolve().parent.parent / "bench" / "controls.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_permuted_twin_gives_each_item_another_items_features(tmp_path):
+    from recommender.pipeline import FeatureSpec, load_inputs
+
+    bench = _bench()
+    rng = np.random.default_rng(1)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{u}\t{' '.join(str(i) for i in rng.choice(40, 8, replace=False) + 1)}\n"
+                             for u in range(60)))
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps({"item_topic": {str(i): f"t{i % 4}" for i in range(1, 41)}}))
+    spec = FeatureSpec(topics=str(corpus))
+    twin = bench.permuted_twin(pairs, spec, tmp_path / "twin.npz")
+    data, bank = load_inputs(pairs, bench.TRAIN, spec)
+    _, twin_bank = load_inputs(pairs, bench.TRAIN, twin)
+    n = len(data.items)
+    assert twin_bank.layers == bank.layers and twin_bank.missing["hidden"] == []
+    # the same rows (a bijection over items), almost none left in place
+    dist = ((twin_bank.hidden[1:, None] - bank.hidden[None, 1:]) ** 2).sum((2, 3))
+    source = dist.argmin(1)
+    assert np.allclose(dist[np.arange(n - 1), source], 0) and len(set(source)) == n - 1
+    assert (source == np.arange(n - 1)).mean() < 0.2
+    # the item information is gone: a row's topic no longer follows its item's (1 in 4 by chance)
+    topic = np.array([int(i) % 4 for i in data.items[1:]])
+    assert (topic[source] == topic).mean() < 0.5
+    # seeded: the same draw again, another with another seed
+    again = bench.permuted_twin(pairs, spec, tmp_path / "again.npz")
+    other = bench.permuted_twin(pairs, spec, tmp_path / "other.npz", seed=1)
+    assert (np.load(again.features)["item_ids"] == np.load(twin.features)["item_ids"]).all()
+    assert not (np.load(other.features)["item_ids"] == np.load(twin.features)["item_ids"]).all()
+
+
+def _cell(mean: float, sd: float) -> dict:
+    return {"test_cold_HR@10": mean, "test_cold_HR@10_std": sd}
+
+
+def test_versus_is_the_difference_over_the_two_cells_standard_error():
+    bench = _bench()
+    diff, se = bench.versus(_cell(0.5, 0.03), _cell(0.2, 0.04), seeds=3)
+    assert diff == pytest.approx(0.3) and se == pytest.approx(0.05 / np.sqrt(3))
+
+
+def test_criteria_compare_with_id_and_the_permuted_twin():
+    bench = _bench()
+    ident = _cell(0.04, 0.015)
+    strong = {"fuse": _cell(0.69, 0.014), "dff": _cell(0.65, 0.05)}
+    spread = {"fuse": _cell(0.11, 0.02), "dff": _cell(0.12, 0.02)}
+    assert bench.positive_passes(strong, spread, ident, 3)
+    # beating id is not enough when the permuted twin does as well
+    assert not bench.positive_passes(spread, spread, ident, 3)
+    assert not bench.positive_passes(strong, {"fuse": spread["fuse"], "dff": _cell(0.64, 0.05)}, ident, 3)
+    assert bench.negative_passes(spread, {"fuse": _cell(0.10, 0.02), "dff": _cell(0.11, 0.02)}, 3)
+    assert not bench.negative_passes(strong, spread, 3)
+    # one-sided: doing worse than the twin is no gain
+    assert bench.negative_passes({"fuse": _cell(0.02, 0.01), "dff": _cell(0.12, 0.02)}, spread, 3)
