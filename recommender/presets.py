@@ -19,7 +19,7 @@ _GAMES = dict(dim=50, max_seq_len=50, min_seq_len=3, n_blocks=2, n_heads=1, eval
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole cosine schedule runs (patience = max_epochs); the best validation epoch is kept.
-    "sasrec-games": {**_GAMES, "loss": "full", "lr": 4e-3, "lr_schedule": "cosine", "max_epochs": 20, "patience": 20,
+    "sasrec-games": {**_GAMES, "loss": "full", "lr": 4e-3, "lr_schedule": "cosine", "max_epochs": 25, "patience": 25,
                      "dropout": 0.6, "mask_history": False, "batch_size": 128, "weight_decay": 0.1,
                      "eval_users": 10_000},
     "sasrec-bce": {**_GAMES, "loss": "bce", "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0,
