@@ -2,7 +2,7 @@
 
 sasrec-games   our recipe for Amazon Games-like catalogues (tens of thousands of items, sequences up
                to 50): the SASRec paper's dimensions, the exact full softmax, a higher learning rate
-               decayed by a cosine over 20 epochs, dropout 0.6; measured in docs/recommender.md.
+               decayed by a cosine over 25 epochs, dropout 0.6; measured in docs/recommender.md.
 sasrec-bce     the published recipe (SASRec paper / pmixer SASRec.pytorch): BCE with one negative,
                batch 128, dropout 0.5, Adam without weight decay, for comparison.
 """
