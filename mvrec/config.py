@@ -441,7 +441,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "vllm.cpu_omp_threads_bind": _cpu_bind, "vllm.multiprocessing": _any,
     "refresh.source": _nonempty, "refresh.interactions": _any, "refresh.cron": _cron, "refresh.deployment": _nonempty,
     "train.dim": _min(1), "train.max_seq_len": _min(1), "train.min_seq_len": _min(3), "train.n_blocks": _min(1),
-    "train.n_heads": _min(1), "train.dropout": lambda v: None if 0 <= v < 1 else f"must be >= 0 and < 1, got {v!r}",
+    "train.n_heads": _min(1), "train.dropout": _unit_interval,
     "train.lr": _positive, "train.lr_schedule": _one_of("constant", "cosine"), "train.weight_decay": _min(0), "train.grad_clip": _positive, "train.batch_size": _min(1),
     "train.max_epochs": _min(1), "train.patience": _min(1), "train.preset": _preset, "train.loss": _one_of(*LOSSES),
     "train.num_negatives": _min(1), "train.negative_sampler": _one_of("uniform", "popularity"),
