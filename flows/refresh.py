@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from flows.extract import extract_features
 from flows.plan import captions_to_embed, pending_work
 from flows.report import publish, refresh_markdown
-from flows.runtime import make_task_runner
 from mvrec.config import load_config
 from storage import FeatureStore, open_store
 
@@ -63,8 +62,7 @@ def nightly_refresh(source: str | None = None, overrides: dict[str, Any] | None 
     eid = work["extractor_id"]
     extraction_failed = False
     if work["to_extract"] or work["unreadable"]:
-        extract = extract_features.with_options(task_runner=make_task_runner(cfg.prefect))
-        state = extract(source, overrides=overrides, only_failed=only_failed, config_path=config_path,
+        state = extract_features(source, overrides=overrides, only_failed=only_failed, config_path=config_path,
                         return_state=True)
         extraction_failed = state.is_failed()
         summary = state.result(raise_on_failure=False)

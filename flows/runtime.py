@@ -28,8 +28,6 @@ from pathlib import Path
 
 from mvrec.config import PrefectConfig
 
-TASK_RUNNERS = ("threads", "dask", "ray")
-
 
 def configure_prefect(cfg: PrefectConfig) -> None:
     """Embedded defaults: an ephemeral API in a project-local PREFECT_HOME, no telemetry.
@@ -114,32 +112,6 @@ def _serve_api(port: int, parent: int) -> None:
 
     uvicorn.run(create_app(ephemeral=True, final=True), host="127.0.0.1", port=port, log_level="error",
                 lifespan="on")
-
-
-def make_task_runner(cfg: PrefectConfig):
-    """threads (default) | dask (local cluster or dask_address) | ray (local or ray_address)."""
-    if cfg.task_runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
-    if cfg.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:
-            raise ValueError("prefect.task_runner = dask needs `pip install prefect-dask`") from e
-        if cfg.dask_address:
-            return DaskTaskRunner(address=cfg.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    if cfg.task_runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError as e:
-            raise ValueError("prefect.task_runner = ray needs `pip install 'mvrec[ray]'`") from e
-        if cfg.ray_address:
-            return RayTaskRunner(address=cfg.ray_address)
-        return RayTaskRunner(init_kwargs={"num_cpus": cfg.max_workers, "include_dashboard": False})
-    raise ValueError(f"prefect.task_runner: unknown runner {cfg.task_runner!r} (choose {', '.join(TASK_RUNNERS)})")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve-api"]:

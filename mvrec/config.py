@@ -49,14 +49,6 @@ class StoreConfig:
 class PrefectConfig:
     # PREFECT_HOME for the embedded (ephemeral) mode; ignored when PREFECT_API_URL is set.
     home: str = "./.mvrec/prefect"
-    # threads | dask | ray
-    task_runner: str = "threads"
-    max_workers: int = 2
-    # Empty: start a local cluster. Otherwise the scheduler / Ray address to join.
-    dask_address: str = ""
-    ray_address: str = ""
-    # Tag on LVLM tasks; `prefect concurrency-limit create gpu N` caps GPU concurrency.
-    gpu_tag: str = "gpu"
     task_retries: int = 2
     retry_delay_s: float = 2.0
 
@@ -89,8 +81,16 @@ class ExtractConfig:
     # A video of which fewer frames decode than its header promises: accept (stored, flagged
     # `partial` in videos) | fail (a PartialVideo failure row instead).
     partial: str = "accept"
-    # Rows per store commit.
+    # Videos per store commit, at least: a commit takes every result waiting, so it grows when
+    # commits lag behind the replicas (flows/extract.py).
     commit_size: int = 64
+    # Where the data plane runs (tasks/dataplane.py): threads in this process, or a Ray cluster
+    # (ray_address; empty starts a local one).
+    engine: str = "threads"
+    ray_address: str = ""
+    # Model replicas, each loaded once: 0 = one per GPU the engine sees (at least 1).
+    replicas: int = 0
+    # Decode + preprocess workers (threads, or one-CPU Ray tasks).
     decode_workers: int = 2
     # Sentence-transformers model for caption vectors; resolved offline when packaged.
     text_model: str = "all-MiniLM-L6-v2"
@@ -425,15 +425,14 @@ LOSSES = ("auto", "full", "sampled", "bce")  # recommender/losses.py implements 
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "store.path": _nonempty, "store.storage_options": _string_table,
-    "prefect.home": _nonempty, "prefect.task_runner": _one_of("threads", "dask", "ray"),
-    "prefect.max_workers": _min(1), "prefect.dask_address": _any, "prefect.ray_address": _any,
-    "prefect.gpu_tag": _nonempty, "prefect.task_retries": _min(0), "prefect.retry_delay_s": _min(0),
+    "prefect.home": _nonempty, "prefect.task_retries": _min(0), "prefect.retry_delay_s": _min(0),
     "extract.backend": _one_of("transformers", "vllm"), "extract.model": _nonempty, "extract.revision": _any,
     "extract.device": _device, "extract.dtype": _dtype, "extract.prompt": _any, "extract.max_new_tokens": _min(0),
     "extract.frames": _frames, "extract.max_frames": _min(2), "extract.max_pixels": _min(28 * 28),
     "extract.max_duration_s": _positive, "extract.max_file_bytes": _positive,
     "extract.pooling": _one_of("video", "prompt", "last"), "extract.layers": _layers, "extract.batch_size": _min(1),
     "extract.partial": _one_of("accept", "fail"), "extract.commit_size": _min(1), "extract.decode_workers": _min(1),
+    "extract.engine": _one_of("threads", "ray"), "extract.ray_address": _any, "extract.replicas": _min(0),
     "extract.text_model": _nonempty,
     "vllm.max_model_len": _min(1), "vllm.max_num_seqs": _min(1), "vllm.dtype": _dtype,
     "vllm.tensor_parallel_size": _min(1), "vllm.data_parallel_size": _min(1),

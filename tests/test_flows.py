@@ -210,20 +210,3 @@ def _eid(ov):
     from mvrec.config import load_config
 
     return extractor_record(load_config(overrides=ov)).extractor_id
-
-
-@pytest.mark.parametrize("runner", ["dask", "ray"])
-def test_scale_out_task_runners(prefect_harness, corpus, tmp_path, runner):
-    """The same flow on a local Dask cluster / local Ray: decode and LVLM tasks run in worker processes."""
-    pytest.importorskip({"dask": "prefect_dask", "ray": "prefect_ray"}[runner])
-    from flows.extract import extract_features
-    from flows.runtime import make_task_runner
-    from mvrec.config import load_config
-
-    videos = _videos_dir(corpus, tmp_path, 6, corrupt=True)
-    ov = _overrides(corpus, tmp_path / "store", **{"prefect.task_runner": runner, "prefect.max_workers": 2})
-    flow = extract_features.with_options(task_runner=make_task_runner(load_config(overrides=ov).prefect))
-    result = flow(str(videos), overrides=ov)
-    assert (result["processed"], result["failed"]) == (6, 2)
-    per_layer, dupes, failures = _counts(tmp_path / "store")
-    assert set(per_layer.values()) == {6} and dupes == 0 and len(failures) == 2

@@ -16,7 +16,7 @@ from mvrec.cli.common import _state, app, console, err_console, get_config, test
 
 def _overrides(**flags: Any) -> dict[str, Any]:
     names = {"model": "extract.model", "backend": "extract.backend", "batch_size": "extract.batch_size",
-             "frames": "extract.frames", "store": "store.path", "task_runner": "prefect.task_runner"}
+             "frames": "extract.frames", "store": "store.path", "engine": "extract.engine"}
     return {names[k]: v for k, v in flags.items() if v is not None}
 
 
@@ -53,7 +53,7 @@ _MODEL = typer.Option(None, "--model", "-m", help="LVLM id or local directory (d
 _BACKEND = typer.Option(None, "--backend", help="transformers | vllm (default: extract.backend).")
 _BATCH = typer.Option(None, "--batch-size", min=1, help="Videos per LVLM batch.")
 _STORE = typer.Option(None, "--store", help="Feature store path or URI (default: store.path).")
-_RUNNER = typer.Option(None, "--task-runner", help="threads | dask | ray (default: prefect.task_runner).")
+_ENGINE = typer.Option(None, "--engine", help="Where decoding and the model run: threads | ray (default: extract.engine).")
 
 
 def _run_nightly_refresh(prefix: str, source: str, **kwargs) -> dict:
@@ -81,13 +81,13 @@ def refresh(
     backend: Optional[str] = _BACKEND,
     batch_size: Optional[int] = _BATCH,
     store: Optional[str] = _STORE,
-    task_runner: Optional[str] = _RUNNER,
+    engine: Optional[str] = _ENGINE,
     interactions: Optional[str] = typer.Option(
         None, "--interactions", help="MicroLens pairs file: retrain the recommender after extracting."),
     always: bool = typer.Option(False, "--always", help="Run the flow even when the store says nothing is new."),
 ) -> None:
     """Run the nightly refresh once: extract new/changed videos, embed captions, optionally retrain."""
-    overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, task_runner=task_runner)
+    overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, engine=engine)
     cfg = _prepare(overrides)
     source = source or cfg.refresh.source
     if "://" not in source and not os.path.exists(source):
