@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints/cpu.txt -e '.[$(EXTRAS)]'
 	# A .pth hook so CUDA-only torchvision/torchaudio/torchcodec builds import cleanly on CPU,
-	# in this process and in vLLM's worker processes (see mvrec/devtools/torch_compat.py).
-	$(PY) -m mvrec.devtools.torch_compat --install-pth
+	# in this process and in vLLM's worker processes (see mvrec/torch_compat.py).
+	$(PY) -m mvrec.torch_compat --install-pth
 	touch $(STAMP)
 
 install: $(STAMP)

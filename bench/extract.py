@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mvrec.devtools import torch_compat  # noqa: E402
+from mvrec import torch_compat  # noqa: E402
 
 torch_compat.install()
 

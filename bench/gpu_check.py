@@ -442,7 +442,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    from mvrec.devtools import torch_compat
+    from mvrec import torch_compat
 
     torch_compat.install()
     report = {"argv": sys.argv[1:], "cpus": os.cpu_count(), "loadavg": os.getloadavg(),

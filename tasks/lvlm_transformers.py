@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mvrec.devtools import torch_compat
+from mvrec import torch_compat
 from tasks.lvlm import (
     FINAL_LAYER,
     BackendOOM,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mvrec.devtools import torch_compat
+from mvrec import torch_compat
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}

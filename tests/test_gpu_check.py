@@ -53,7 +53,7 @@ def test_dry_run_at_tiny_shape(tmp_path):
 @pytest.mark.parametrize("name, published_params", [("3b", 3.75e9), ("7b", 8.29e9)])
 def test_real_shapes_and_flop_formula_match_the_architecture(tmp_path, name, published_params):
     bench = _load_bench()
-    from mvrec.devtools import torch_compat
+    from mvrec import torch_compat
 
     torch_compat.install()
     import torch

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mvrec.devtools import torch_compat
+from mvrec import torch_compat
 
 torch_compat.install()
 

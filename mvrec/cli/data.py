@@ -83,7 +83,7 @@ def build_test_model_cmd(
         raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHS)}", param_hint="--arch")
     if hidden % 4:
         raise typer.BadParameter(f"{hidden} is not divisible by the 4 attention heads", param_hint="--hidden")
-    from mvrec.devtools import torch_compat
+    from mvrec import torch_compat
 
     torch_compat.install()
     # Import the (lazy) model and processor modules first so the timing below is the build alone.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mvrec.devtools import torch_compat
+from mvrec import torch_compat
 from tasks.lvlm import TEST_MODEL_FLAG
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl")

@@ -15,7 +15,7 @@ What: a lazy import hook. Nothing is imported until one of the three packages is
 
 Where working builds are installed (GPU machines, real CPU builds) every branch above is a no-op.
 
-`install()` adds the hook to this process. `python -m mvrec.devtools.torch_compat --install-pth`
+`install()` adds the hook to this process. `python -m mvrec.torch_compat --install-pth`
 writes a .pth file into site-packages so that every interpreter of the environment, including vLLM's
 worker processes, gets the hook at start-up. Importing this module is cheap: it imports no torch.
 """
@@ -127,7 +127,7 @@ def install() -> None:
 def write_pth(site_packages: str | None = None) -> Path:
     """Write the .pth file that installs the hook in every interpreter of this environment."""
     target = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
-    target.write_text("import mvrec.devtools.torch_compat as _m; _m.install()\n")
+    target.write_text("import mvrec.torch_compat as _m; _m.install()\n")
     return target
 
 
