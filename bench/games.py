@@ -41,6 +41,14 @@ def find_data(arg: str | None) -> Path | None:
     return None
 
 
+def preset_config(preset: str, **train_keys):
+    """The preset's TrainConfig through the config's one precedence, as `mvrec train --preset` gets it
+    (the environment left out)."""
+    from mvrec.config import load_config
+
+    return load_config(env={}, overrides={"train.preset": preset, **{f"train.{k}": v for k, v in train_keys.items()}}).train
+
+
 def run_side(args) -> None:
     """One recipe, in this process: JSON lines on stdout, one per epoch, then a summary line."""
     import dataclasses
@@ -48,14 +56,12 @@ def run_side(args) -> None:
 
     import torch
 
-    from mvrec.config import TrainConfig
     from recommender.data import load_sequences
     from recommender.evaluate import evaluate
-    from recommender.presets import apply_preset
     from recommender.train import load_for_recommend, train
 
     torch.set_num_threads(1)
-    cfg = apply_preset(TrainConfig(preset=SIDES[args.side], seed=args.seed, num_threads=1, device="cpu"))
+    cfg = preset_config(SIDES[args.side], seed=args.seed, num_threads=1, device="cpu")
     # The bench stops the side; a decaying lr keeps the preset's horizon (max_epochs sets the schedule).
     epochs = args.max_epochs if cfg.lr_schedule == "constant" else cfg.max_epochs
     cfg = dataclasses.replace(cfg, max_epochs=epochs, patience=epochs)
@@ -83,7 +89,7 @@ def run_side(args) -> None:
         return (state["reached"] is not None and state["extra"] < 0) or elapsed > args.max_minutes * 60
 
     if args.to_convergence:
-        cfg = dataclasses.replace(cfg, patience=apply_preset(TrainConfig(preset=SIDES[args.side])).patience)
+        cfg = dataclasses.replace(cfg, patience=preset_config(SIDES[args.side]).patience)
     final = {}
     with tempfile.TemporaryDirectory() as tmp:
         result = train(data, cfg, None, Path(tmp) / "run", progress=False,
@@ -104,18 +110,15 @@ def run_accuracy(args) -> None:
     import numpy as np
     import torch
 
-    from mvrec.config import TrainConfig
     from recommender.data import load_sequences
     from recommender.evaluate import evaluate
-    from recommender.presets import apply_preset
     from recommender.train import load_for_recommend, train
 
     torch.set_num_threads(1)
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
-        cfg = apply_preset(TrainConfig(preset=SIDES["ours"], seed=seed, num_threads=1, device="cpu",
-                                       out=args.out))
+        cfg = preset_config(SIDES["ours"], seed=seed, num_threads=1, device="cpu", out=args.out)
         data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(data, cfg, None, Path(args.out) / f"games-s{seed}", progress=False,
@@ -142,15 +145,13 @@ def run_loss_cost(args) -> None:
     import numpy as np
     import torch
 
-    from mvrec.config import TrainConfig
     from recommender.data import load_sequences
     from recommender.evaluate import history_mask
     from recommender.losses import next_item_loss
-    from recommender.presets import apply_preset
     from recommender.train import build_model, length_batches
 
     torch.set_num_threads(1)
-    cfg = apply_preset(TrainConfig(preset=SIDES["ours"]))
+    cfg = preset_config(SIDES["ours"])
     data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
     lengths = (data.train_targets != 0).sum(1)
     batches = length_batches(lengths, np.flatnonzero(lengths), cfg.batch_size, torch.Generator().manual_seed(0))

@@ -1,8 +1,14 @@
-"""The one typed configuration of mvrec.
+"""The one typed configuration of mvrec, and the ground of the project: it imports nothing from
+mvrec's packages, and tasks/, recommender/ and flows/ take their vocabularies from it (backends,
+poolings, dtypes, frame policies, representations, losses, engines) and the presets' data.
 
-Precedence, lowest to highest: embedded defaults < `mvrec.toml` < `MVREC_<SECTION>__<KEY>`
-environment variables < command-line flags. Unknown sections or keys, values of the wrong type
-and values out of range (CHECKS below) are an error that names the key and where its value came
+Precedence, lowest to highest:
+
+    embedded defaults < train.preset < mvrec.toml < MVREC_<SECTION>__<KEY> environment < flags
+
+A preset (`train.preset`, named at any level) sets its train keys over the defaults, and every key
+set explicitly, at any level, wins over it. Unknown sections or keys, values of the wrong type and
+values out of range (each field's check) are an error that names the key and where its value came
 from, raised while the config loads: before any command starts work.
 
     [extract]                          # mvrec.toml
@@ -11,13 +17,15 @@ from, raised while the config loads: before any command starts work.
 
     MVREC_EXTRACT__BATCH_SIZE=16       # environment
 
-Every section is a plain dataclass; `Config` holds one of each.
+Every section is a plain dataclass; `Config` holds one of each. Each field is `setting(default,
+check)`: the check returns what is wrong with a value, or None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -37,292 +45,74 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and its source."""
 
 
-@dataclass
-class StoreConfig:
-    # A local directory or an object-store URI such as s3://bucket/prefix.
-    path: str = "./.mvrec/store"
-    # Passed to Delta Lake's object store, e.g. AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP.
-    storage_options: dict[str, str] = field(default_factory=dict)
+# ---------------------------------------------------------------------------------------------
+# vocabularies: the one list of each set of choices; the modules that implement them import it
+
+BACKENDS = ("transformers", "vllm")  # tasks/lvlm_transformers.py, tasks/lvlm_vllm.py
+ENGINES = ("threads", "ray")  # tasks/dataplane.py
+POOLINGS = ("video", "prompt", "last")  # tasks/lvlm.py
+REPRESENTATIONS = ("id", "replace", "fuse", "dff")  # recommender/model.py
+LOSSES = ("auto", "full", "sampled", "bce")  # recommender/losses.py
+EVAL_PROTOCOLS = ("full", "sampled")  # recommender/evaluate.py
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
-@dataclass
-class PrefectConfig:
-    # PREFECT_HOME for the embedded (ephemeral) mode; ignored when PREFECT_API_URL is set.
-    home: str = "./.mvrec/prefect"
-    task_retries: int = 2
-    retry_delay_s: float = 2.0
+def dtype_name(dtype: str, on_cpu: bool) -> str:
+    """auto: float32 on CPU, bfloat16 on GPU; otherwise the canonical name of `dtype`."""
+    if not dtype or dtype == "auto":
+        return "float32" if on_cpu else "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
 
 
-@dataclass
-class ExtractConfig:
-    # transformers | vllm
-    backend: str = "transformers"
-    # A hub id or a local directory; `mvrec build-test-model` makes a tiny local one.
-    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
-    revision: str = ""
-    # auto | cpu | cuda | cuda:N
-    device: str = "auto"
-    # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
-    dtype: str = "auto"
-    prompt: str = "Describe this micro-video in one sentence."
-    max_new_tokens: int = 32
-    # uniform:N or fps:F
-    frames: str = "uniform:8"
-    max_frames: int = 32
-    # Per-frame pixel budget; frames are downscaled to it while decoding.
-    max_pixels: int = 224 * 224
-    max_duration_s: float = 3600.0
-    max_file_bytes: int = 2 * 1024**3
-    # video (mean over video tokens) | prompt (mean over all prompt tokens) | last (last prompt token)
-    pooling: str = "video"
-    # "all" or a comma list of layer indices, e.g. "0,8,16,final"
-    layers: str = "all"
-    batch_size: int = 4
-    # A video of which fewer frames decode than its header promises: accept (stored, flagged
-    # `partial` in videos) | fail (a PartialVideo failure row instead).
-    partial: str = "accept"
-    # Videos per store commit, at least: a commit takes every result waiting, so it grows when
-    # commits lag behind the replicas (flows/extract.py).
-    commit_size: int = 64
-    # Where the data plane runs (tasks/dataplane.py): threads in this process, or a Ray cluster
-    # (ray_address; empty starts a local one).
-    engine: str = "threads"
-    ray_address: str = ""
-    # Model replicas, each loaded once: 0 = one per GPU the engine sees (at least 1).
-    replicas: int = 0
-    # Decode + preprocess workers (threads, or one-CPU Ray tasks).
-    decode_workers: int = 2
-    # Sentence-transformers model for caption vectors; resolved offline when packaged.
-    text_model: str = "all-MiniLM-L6-v2"
+@dataclass(frozen=True)
+class Policy:
+    """Which frames to decode (tasks/decode.py): uniform:N or fps:F."""
+
+    kind: str  # uniform | fps
+    value: float  # frames (uniform) or frames per second (fps)
 
 
-@dataclass
-class VLLMConfig:
-    max_model_len: int = 8192
-    max_num_seqs: int = 8
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
-    # CPU backend only: KV cache in GiB and OpenMP binding (auto | nobind | 0-1 ...).
-    cpu_kvcache_space_gib: int = 1
-    cpu_omp_threads_bind: str = "auto"
-    # False runs the engine in-process (starts in ~3 s instead of ~20 s).
-    multiprocessing: bool = False
-
-
-@dataclass
-class RefreshConfig:
-    # What the nightly refresh reads: a directory, a manifest file (.txt/.csv) or a URI.
-    source: str = "./videos"
-    # A MicroLens pairs file; when set, each refresh retrains the recommender on the new features.
-    interactions: str = ""
-    cron: str = "0 2 * * *"
-    deployment: str = "nightly"
-
-
-@dataclass
-class TrainConfig:
-    dim: int = 64
-    max_seq_len: int = 10
-    min_seq_len: int = 5
-    n_blocks: int = 2
-    n_heads: int = 2
-    dropout: float = 0.1
-    lr: float = 1e-3
-    # constant | cosine (decays lr to 0 over max_epochs, by step; early stopping may end sooner)
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.1
-    grad_clip: float = 5.0
-    batch_size: int = 512
-    max_epochs: int = 100
-    patience: int = 5
-    # A named recipe whose train keys apply first (e.g. sasrec-games); see recommender/presets.py.
-    preset: str = ""
-    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
-    loss: str = "auto"
-    # Negatives of the sampled loss, shared by a batch, drawn from: uniform | popularity
-    num_negatives: int = 1024
-    negative_sampler: str = "uniform"
-    # Validate on this many random users per epoch (0: all); the final metrics always use all.
-    eval_users: int = 0
-    seed: int = 0
-    device: str = "auto"
-    out: str = "./.mvrec/runs"
-    # Item representation: id | replace | fuse | dff
-    representation: str = "id"
-    # caption | hidden:all | hidden:<l1,l2,...> (final = -1); ignored for `id`
-    source: str = "hidden:all"
-    # Mask each user's other training items out of the training softmax, as the paper does.
-    mask_history: bool = True
-    # The cold-item rule, off by default (the paper's models): items with fewer training interactions
-    # than id_min_count drop their own ID embedding (fuse/dff: content only; id: one shared row), and
-    # in training id_dropout of item occurrences do too. The study sets it for every cell (study.id_*).
-    id_min_count: int = 0
-    id_dropout: float = 0.0
-    eval_batch_size: int = 1024
-    # full | sampled (100 random negatives, the SASRec paper's protocol)
-    eval_protocol: str = "full"
-    # Items with no features: zero (zero vector, listed in the run) | error
-    missing_features: str = "zero"
-    # 0: half the CPU cores (at most 4) torch threads; the CPU is usually shared.
-    num_threads: int = 0
-
-
-@dataclass
-class StudyConfig:
-    seeds: int = 3
-    out: str = "./.mvrec/study"
-    max_epochs: int = 30
-    # The study trains many small models: smaller batches (more steps per epoch) and a higher lr
-    # than the paper's 512 / 1e-3 converge within max_epochs on the demo corpus.
-    batch_size: int = 128
-    lr: float = 0.002
-    # Hidden layers to study: all | comma list such as "0,4,8,final"
-    layers: str = "all"
-    # Representations to run (a subset of id,replace,fuse,dff); all four is the paper's grid.
-    representations: str = "id,replace,fuse,dff"
-    # The cold-item rule (train.id_min_count / id_dropout) for every cell, id included, so that the
-    # cells treat cold items alike; see docs/recommender.md, "Controls".
-    id_min_count: int = 5
-    id_dropout: float = 0.5
-
-
-@dataclass
-class Config:
-    store: StoreConfig = field(default_factory=StoreConfig)
-    prefect: PrefectConfig = field(default_factory=PrefectConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    refresh: RefreshConfig = field(default_factory=RefreshConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
-
-
-def _sections() -> dict[str, type]:
-    return typing.get_type_hints(Config)
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check or convert one value to the field's declared type."""
-    tp = annotation
-    origin = typing.get_origin(tp)
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: expected a JSON object, got {value!r}") from e
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table/object, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            return value.lower() in {"1", "true", "yes", "on"}
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from e
-        if tp is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return out
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"config field {where} has an unsupported type {tp!r}")
-
-
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str,
-           sources: dict[str, str] | None = None) -> None:
-    sections = _sections()
-    if section not in sections:
-        raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sections)})")
-    obj = getattr(cfg, section)
-    fields = typing.get_type_hints(type(obj))
-    if key not in fields:
-        raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(fields)})")
-    setattr(obj, key, _coerce(value, fields[key], f"{source}: {section}.{key}"))
-    if sources is not None:
-        sources[f"{section}.{key}"] = source
-
-
-def _read_file(path: Path) -> dict[str, Any]:
+def parse_policy(policy: str) -> Policy:
+    """'uniform:8' or 'fps:2.0'. Raises ValueError naming the `policy` parameter."""
+    kind, sep, value = str(policy).strip().partition(":")
+    if not sep or kind not in ("uniform", "fps"):
+        raise ValueError(f"policy: {policy!r} is not 'uniform:N' or 'fps:F'")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"policy: {policy!r} has a non-numeric value {value!r}") from None
+    if kind == "uniform" and (number < 1 or number != int(number)):
+        raise ValueError(f"policy: {policy!r} needs a whole number of frames >= 1")
+    if kind == "fps" and not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"policy: {policy!r} needs frames per second > 0")
+    return Policy(kind, number)
 
 
-def load_config(
-    path: str | Path | None = None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    override_sources: Mapping[str, str] | None = None,
-) -> Config:
-    """Build the effective config.
-
-    path: a TOML file; default `$MVREC_CONFIG`, else `./mvrec.toml` if it exists.
-    env: environment mapping (default os.environ); `MVREC_SECTION__KEY=value`.
-    overrides: command-line flags as {"section.key": value}; None values are skipped.
-    override_sources: how to name an override's source in errors, e.g. {"extract.frames": "--frames"}.
-    """
-    env = os.environ if env is None else env
-    cfg = Config()
-    sources: dict[str, str] = {}  # "section.key" -> where its value came from
-
-    if path is None and env.get(ENV_CONFIG_PATH):
-        path = env[ENV_CONFIG_PATH]
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-    else:
-        file = Path(CONFIG_FILE)
-        file = file if file.is_file() else None
-    if file is not None:
-        for section, table in _read_file(file).items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{file}: top-level key {section!r} must be a [section] table")
-            for key, value in table.items():
-                _apply(cfg, section, key, value, str(file), sources)
-
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_NOT_CONFIG):
-            continue
-        rest = name[len(ENV_PREFIX):]
-        if "__" not in rest:
-            raise ConfigError(f"environment: {name} is not MVREC_<SECTION>__<KEY>")
-        section, key = rest.split("__", 1)
-        _apply(cfg, section.lower(), key.lower(), value, f"environment {name}", sources)
-
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        section, _, key = dotted.partition(".")
-        _apply(cfg, section, key, value, (override_sources or {}).get(dotted, f"option {dotted}"), sources)
-    check_config(cfg, sources)
-    return cfg
+# Named training recipes (`train.preset`, `--preset`); docs/recommender.md says what each is for.
+#   sasrec-games  Amazon Games-like catalogues (tens of thousands of items, sequences up to 50): the
+#                 SASRec paper's dimensions, the exact full softmax, a cosine lr over 25 epochs.
+#   sasrec-bce    the published recipe (SASRec paper / pmixer SASRec.pytorch), for comparison.
+_GAMES = dict(dim=50, max_seq_len=50, min_seq_len=3, n_blocks=2, n_heads=1, eval_protocol="sampled")
+PRESETS: dict[str, dict[str, Any]] = {
+    # The whole cosine schedule runs (patience = max_epochs); the best validation epoch is kept.
+    "sasrec-games": {**_GAMES, "loss": "full", "lr": 4e-3, "lr_schedule": "cosine", "max_epochs": 25, "patience": 25,
+                     "dropout": 0.6, "mask_history": False, "batch_size": 128, "weight_decay": 0.1,
+                     "eval_users": 10_000},
+    "sasrec-bce": {**_GAMES, "loss": "bce", "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0,
+                   "eval_users": 10_000, "patience": 3},
+}
 
 
-# Checks of values, run on the whole config once it is loaded. Each takes the value and returns
-# what is wrong with it, or None. Every key has one (tests/test_config.py holds them to that).
+# ---------------------------------------------------------------------------------------------
+# checks of values: each takes the value and returns what is wrong with it, or None
+
+Check = Callable[[Any], "str | None"]
 
 
-def _min(n: float) -> Callable[[Any], str | None]:
+def _min(n: float) -> Check:
     return lambda v: None if v >= n else f"must be >= {n}, got {v!r}"
 
 
@@ -334,7 +124,7 @@ def _fraction(v: float) -> str | None:
     return None if 0 < v <= 1 else f"must be > 0 and <= 1, got {v!r}"
 
 
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
+def _one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
 
 
@@ -355,18 +145,14 @@ def _device(v: str) -> str | None:
 
 
 def _dtype(v: str) -> str | None:
-    from tasks.lvlm import dtype_name
-
     try:
         dtype_name(v, on_cpu=True)
-    except ValueError:
-        return f"{v!r} is not auto, float32, bfloat16 or float16"
+    except ValueError as e:
+        return str(e).removeprefix("dtype: ")
     return None
 
 
 def _frames(v: str) -> str | None:
-    from tasks.decode import parse_policy  # the one parser of frame policies
-
     try:
         parse_policy(v)
     except ValueError as e:
@@ -413,46 +199,327 @@ def _string_table(v: dict) -> str | None:
 
 
 def _preset(v: str) -> str | None:
-    if not v:
-        return None
-    from recommender.presets import PRESETS
-
-    return None if v in PRESETS else f"{v!r} is not a preset ({', '.join(PRESETS)})"
+    return None if not v or v in PRESETS else f"{v!r} is not a preset ({', '.join(PRESETS)})"
 
 
-REPRESENTATIONS = ("id", "replace", "fuse", "dff")
-LOSSES = ("auto", "full", "sampled", "bce")  # recommender/losses.py implements them
+def setting(default: Any, check: Check) -> Any:
+    """A config field with the check of its values (run by check_config)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
 
-CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "store.path": _nonempty, "store.storage_options": _string_table,
-    "prefect.home": _nonempty, "prefect.task_retries": _min(0), "prefect.retry_delay_s": _min(0),
-    "extract.backend": _one_of("transformers", "vllm"), "extract.model": _nonempty, "extract.revision": _any,
-    "extract.device": _device, "extract.dtype": _dtype, "extract.prompt": _any, "extract.max_new_tokens": _min(0),
-    "extract.frames": _frames, "extract.max_frames": _min(2), "extract.max_pixels": _min(28 * 28),
-    "extract.max_duration_s": _positive, "extract.max_file_bytes": _positive,
-    "extract.pooling": _one_of("video", "prompt", "last"), "extract.layers": _layers, "extract.batch_size": _min(1),
-    "extract.partial": _one_of("accept", "fail"), "extract.commit_size": _min(1), "extract.decode_workers": _min(1),
-    "extract.engine": _one_of("threads", "ray"), "extract.ray_address": _any, "extract.replicas": _min(0),
-    "extract.text_model": _nonempty,
-    "vllm.max_model_len": _min(1), "vllm.max_num_seqs": _min(1), "vllm.dtype": _dtype,
-    "vllm.tensor_parallel_size": _min(1), "vllm.data_parallel_size": _min(1),
-    "vllm.gpu_memory_utilization": _fraction, "vllm.mm_processor_kwargs": _any, "vllm.cpu_kvcache_space_gib": _min(1),
-    "vllm.cpu_omp_threads_bind": _cpu_bind, "vllm.multiprocessing": _any,
-    "refresh.source": _nonempty, "refresh.interactions": _any, "refresh.cron": _cron, "refresh.deployment": _nonempty,
-    "train.dim": _min(1), "train.max_seq_len": _min(1), "train.min_seq_len": _min(3), "train.n_blocks": _min(1),
-    "train.n_heads": _min(1), "train.dropout": _unit_interval,
-    "train.lr": _positive, "train.lr_schedule": _one_of("constant", "cosine"), "train.weight_decay": _min(0), "train.grad_clip": _positive, "train.batch_size": _min(1),
-    "train.max_epochs": _min(1), "train.patience": _min(1), "train.preset": _preset, "train.loss": _one_of(*LOSSES),
-    "train.num_negatives": _min(1), "train.negative_sampler": _one_of("uniform", "popularity"),
-    "train.eval_users": _min(0), "train.seed": _min(0), "train.device": _device, "train.out": _nonempty,
-    "train.representation": _one_of(*REPRESENTATIONS), "train.source": _train_source, "train.mask_history": _any,
-    "train.id_min_count": _min(0), "train.id_dropout": _unit_interval,
-    "train.eval_batch_size": _min(1), "train.eval_protocol": _one_of("full", "sampled"),
-    "train.missing_features": _one_of("zero", "error"), "train.num_threads": _min(0),
-    "study.seeds": _min(1), "study.out": _nonempty, "study.max_epochs": _min(1), "study.batch_size": _min(1),
-    "study.lr": _positive, "study.layers": _layers, "study.representations": _representations,
-    "study.id_min_count": _min(0), "study.id_dropout": _unit_interval,
-}
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class StoreConfig:
+    # A local directory or an object-store URI such as s3://bucket/prefix.
+    path: str = setting("./.mvrec/store", _nonempty)
+    # Passed to Delta Lake's object store, e.g. AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP.
+    storage_options: dict[str, str] = setting({}, _string_table)
+
+
+@dataclass
+class PrefectConfig:
+    # PREFECT_HOME for the embedded (ephemeral) mode; ignored when PREFECT_API_URL is set.
+    home: str = setting("./.mvrec/prefect", _nonempty)
+    task_retries: int = setting(2, _min(0))
+    retry_delay_s: float = setting(2.0, _min(0))
+
+
+@dataclass
+class ExtractConfig:
+    backend: str = setting("transformers", _one_of(*BACKENDS))
+    # A hub id or a local directory; `mvrec build-test-model` makes a tiny local one.
+    model: str = setting("Qwen/Qwen2.5-VL-3B-Instruct", _nonempty)
+    revision: str = setting("", _any)
+    # auto | cpu | cuda | cuda:N
+    device: str = setting("auto", _device)
+    # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    dtype: str = setting("auto", _dtype)
+    prompt: str = setting("Describe this micro-video in one sentence.", _any)
+    max_new_tokens: int = setting(32, _min(0))
+    # uniform:N or fps:F
+    frames: str = setting("uniform:8", _frames)
+    max_frames: int = setting(32, _min(2))
+    # Per-frame pixel budget; frames are downscaled to it while decoding.
+    max_pixels: int = setting(224 * 224, _min(28 * 28))
+    max_duration_s: float = setting(3600.0, _positive)
+    max_file_bytes: int = setting(2 * 1024**3, _positive)
+    # video (mean over video tokens) | prompt (mean over all prompt tokens) | last (last prompt token)
+    pooling: str = setting("video", _one_of(*POOLINGS))
+    # "all" or a comma list of layer indices, e.g. "0,8,16,final"
+    layers: str = setting("all", _layers)
+    batch_size: int = setting(4, _min(1))
+    # A video of which fewer frames decode than its header promises: accept (stored, flagged
+    # `partial` in videos) | fail (a PartialVideo failure row instead).
+    partial: str = setting("accept", _one_of("accept", "fail"))
+    # Videos per store commit, at least: a commit takes every result waiting, so it grows when
+    # commits lag behind the replicas (flows/extract.py).
+    commit_size: int = setting(64, _min(1))
+    # Where the data plane runs (tasks/dataplane.py): threads in this process, or a Ray cluster
+    # (ray_address; empty starts a local one).
+    engine: str = setting("threads", _one_of(*ENGINES))
+    ray_address: str = setting("", _any)
+    # Model replicas, each loaded once: 0 = one per GPU the engine sees (at least 1).
+    replicas: int = setting(0, _min(0))
+    # Decode + preprocess workers (threads, or one-CPU Ray tasks).
+    decode_workers: int = setting(2, _min(1))
+    # Sentence-transformers model for caption vectors; resolved offline when packaged.
+    text_model: str = setting("all-MiniLM-L6-v2", _nonempty)
+
+
+@dataclass
+class VLLMConfig:
+    max_model_len: int = setting(8192, _min(1))
+    max_num_seqs: int = setting(8, _min(1))
+    dtype: str = setting("auto", _dtype)
+    tensor_parallel_size: int = setting(1, _min(1))
+    data_parallel_size: int = setting(1, _min(1))
+    gpu_memory_utilization: float = setting(0.85, _fraction)
+    mm_processor_kwargs: dict[str, Any] = setting({}, _any)
+    # CPU backend only: KV cache in GiB and OpenMP binding (auto | nobind | 0-1 ...).
+    cpu_kvcache_space_gib: int = setting(1, _min(1))
+    cpu_omp_threads_bind: str = setting("auto", _cpu_bind)
+    # False runs the engine in-process (starts in ~3 s instead of ~20 s).
+    multiprocessing: bool = setting(False, _any)
+
+
+@dataclass
+class RefreshConfig:
+    # What the nightly refresh reads: a directory, a manifest file (.txt/.csv) or a URI.
+    source: str = setting("./videos", _nonempty)
+    # A MicroLens pairs file; when set, each refresh retrains the recommender on the new features.
+    interactions: str = setting("", _any)
+    cron: str = setting("0 2 * * *", _cron)
+    deployment: str = setting("nightly", _nonempty)
+
+
+@dataclass
+class TrainConfig:
+    dim: int = setting(64, _min(1))
+    max_seq_len: int = setting(10, _min(1))
+    min_seq_len: int = setting(5, _min(3))
+    n_blocks: int = setting(2, _min(1))
+    n_heads: int = setting(2, _min(1))
+    dropout: float = setting(0.1, _unit_interval)
+    lr: float = setting(1e-3, _positive)
+    # constant | cosine (decays lr to 0 over max_epochs, by step; early stopping may end sooner)
+    lr_schedule: str = setting("constant", _one_of("constant", "cosine"))
+    weight_decay: float = setting(0.1, _min(0))
+    grad_clip: float = setting(5.0, _positive)
+    batch_size: int = setting(512, _min(1))
+    max_epochs: int = setting(100, _min(1))
+    patience: int = setting(5, _min(1))
+    # A named recipe (PRESETS above) whose keys sit between the defaults and everything set explicitly.
+    preset: str = setting("", _preset)
+    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
+    loss: str = setting("auto", _one_of(*LOSSES))
+    # Negatives of the sampled loss, shared by a batch, drawn from: uniform | popularity
+    num_negatives: int = setting(1024, _min(1))
+    negative_sampler: str = setting("uniform", _one_of("uniform", "popularity"))
+    # Validate on this many random users per epoch (0: all); the final metrics always use all.
+    eval_users: int = setting(0, _min(0))
+    seed: int = setting(0, _min(0))
+    device: str = setting("auto", _device)
+    out: str = setting("./.mvrec/runs", _nonempty)
+    # Item representation: id | replace | fuse | dff
+    representation: str = setting("id", _one_of(*REPRESENTATIONS))
+    # caption | hidden:all | hidden:<l1,l2,...> (final = -1); ignored for `id`
+    source: str = setting("hidden:all", _train_source)
+    # Mask each user's other training items out of the training softmax, as the paper does.
+    mask_history: bool = setting(True, _any)
+    # The cold-item rule, off by default (the paper's models): items with fewer training interactions
+    # than id_min_count drop their own ID embedding (fuse/dff: content only; id: one shared row), and
+    # in training id_dropout of item occurrences do too. The study sets it for every cell (study.id_*).
+    id_min_count: int = setting(0, _min(0))
+    id_dropout: float = setting(0.0, _unit_interval)
+    eval_batch_size: int = setting(1024, _min(1))
+    # full | sampled (100 random negatives, the SASRec paper's protocol)
+    eval_protocol: str = setting("full", _one_of(*EVAL_PROTOCOLS))
+    # Items with no features: zero (zero vector, listed in the run) | error
+    missing_features: str = setting("zero", _one_of("zero", "error"))
+    # 0: half the CPU cores (at most 4) torch threads; the CPU is usually shared.
+    num_threads: int = setting(0, _min(0))
+
+
+@dataclass
+class StudyConfig:
+    seeds: int = setting(3, _min(1))
+    out: str = setting("./.mvrec/study", _nonempty)
+    max_epochs: int = setting(30, _min(1))
+    # The study trains many small models: smaller batches (more steps per epoch) and a higher lr
+    # than the paper's 512 / 1e-3 converge within max_epochs on the demo corpus.
+    batch_size: int = setting(128, _min(1))
+    lr: float = setting(0.002, _positive)
+    # Hidden layers to study: all | comma list such as "0,4,8,final"
+    layers: str = setting("all", _layers)
+    # Representations to run (a subset of id,replace,fuse,dff); all four is the paper's grid.
+    representations: str = setting("id,replace,fuse,dff", _representations)
+    # The cold-item rule (train.id_min_count / id_dropout) for every cell, id included, so that the
+    # cells treat cold items alike; see docs/recommender.md, "Controls".
+    id_min_count: int = setting(5, _min(0))
+    id_dropout: float = setting(0.5, _unit_interval)
+
+
+@dataclass
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    prefect: PrefectConfig = field(default_factory=PrefectConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+# One value from one level of the precedence: (section, key, value, where it came from).
+Setting = tuple[str, str, Any, str]
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check or convert one value to the field's declared type."""
+    tp = annotation
+    origin = typing.get_origin(tp)
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: expected a JSON object, got {value!r}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table/object, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from e
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {where} has an unsupported type {tp!r}")
+
+
+def _apply(cfg: Config, one: Setting, sources: dict[str, str]) -> None:
+    section, key, value, source = one
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sections)})")
+    obj = getattr(cfg, section)
+    fields = typing.get_type_hints(type(obj))
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(fields)})")
+    setattr(obj, key, _coerce(value, fields[key], f"{source}: {section}.{key}"))
+    sources[f"{section}.{key}"] = source
+
+
+def _file_settings(file: Path) -> list[Setting]:
+    try:
+        with file.open("rb") as fh:
+            tables = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{file}: invalid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read config file: {e.strerror}") from e
+    out = []
+    for section, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: top-level key {section!r} must be a [section] table")
+        out += [(section, key, value, str(file)) for key, value in table.items()]
+    return out
+
+
+def _env_settings(env: Mapping[str, str]) -> list[Setting]:
+    out = []
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_NOT_CONFIG):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if "__" not in rest:
+            raise ConfigError(f"environment: {name} is not MVREC_<SECTION>__<KEY>")
+        section, key = rest.split("__", 1)
+        out.append((section.lower(), key.lower(), value, f"environment {name}"))
+    return out
+
+
+def _flag_settings(overrides: Mapping[str, Any], names: Mapping[str, str]) -> list[Setting]:
+    out = []
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if value is not None:  # a flag not given
+            out.append((section, key, value, names.get(dotted, f"option {dotted}")))
+    return out
+
+
+def _config_file(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    if path is None and env.get(ENV_CONFIG_PATH):
+        path = env[ENV_CONFIG_PATH]
+    if path is None:
+        return Path(CONFIG_FILE) if Path(CONFIG_FILE).is_file() else None
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return Path(path)
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    override_sources: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective config.
+
+    path: a TOML file; default `$MVREC_CONFIG`, else `./mvrec.toml` if it exists.
+    env: environment mapping (default os.environ); `MVREC_SECTION__KEY=value`.
+    overrides: command-line flags as {"section.key": value}; None values are skipped.
+    override_sources: how to name an override's source in errors, e.g. {"extract.frames": "--frames"}.
+    """
+    env = os.environ if env is None else env
+    file = _config_file(path, env)
+    explicit = [*(_file_settings(file) if file else []), *_env_settings(env),
+                *_flag_settings(overrides or {}, override_sources or {})]
+
+    cfg, sources = Config(), {}
+    named = [(value, source) for section, key, value, source in explicit if (section, key) == ("train", "preset")]
+    if named:  # the last level that names a preset wins, as for any key
+        apply_preset(cfg, *named[-1], sources)
+    for one in explicit:
+        _apply(cfg, one, sources)
+    check_config(cfg, sources)
+    return cfg
+
+
+def apply_preset(cfg: Config, name: Any, source: str, sources: dict[str, str]) -> None:
+    """Set the train keys of preset `name` (named by `source`) in cfg: one level of the precedence."""
+    if problem := _preset(str(name)):
+        raise ConfigError(f"{source}: train.preset: {problem}")
+    for key, value in PRESETS.get(str(name), {}).items():
+        _apply(cfg, ("train", key, value, f"preset {name}"), sources)
 
 
 def check_config(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
@@ -462,14 +529,13 @@ def check_config(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     def fail(key: str, problem: str) -> None:
         raise ConfigError(f"{sources.get(key, 'default')}: {key}: {problem}")
 
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            check = CHECKS.get(f"{section}.{key}")
-            if check is None:  # a key added without a check: refuse to guess
-                raise TypeError(f"config key {section}.{key} has no entry in mvrec.config.CHECKS")
-            problem = check(value)
-            if problem:
-                fail(f"{section}.{key}", problem)
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for one in dataclasses.fields(values):
+            if "check" not in one.metadata:  # a key added as a plain field: refuse to guess
+                raise TypeError(f"config key {section.name}.{one.name} has no check: declare it with setting()")
+            if problem := one.metadata["check"](getattr(values, one.name)):
+                fail(f"{section.name}.{one.name}", problem)
     if cfg.train.dim % cfg.train.n_heads:
         key = "train.dim" if "train.dim" in sources else "train.n_heads"
         fail(key, f"train.dim ({cfg.train.dim}) is not a multiple of train.n_heads ({cfg.train.n_heads})")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mvrec.config import EVAL_PROTOCOLS
+
 KS = (10, 20)
 COLD_THRESHOLD = 5  # a target is cold when it has fewer training interactions than this
 
@@ -172,8 +174,8 @@ def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024
 def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: str | torch.device = "cpu",
              protocol: str = "full", ks=KS, cold_threshold: int = COLD_THRESHOLD, seed: int = 0) -> dict[str, float]:
     """Metrics for every user, plus `cold/...` for targets with < cold_threshold training interactions."""
-    if protocol not in ("full", "sampled"):
-        raise ValueError(f"unknown evaluation protocol {protocol!r} (full | sampled)")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r} ({' | '.join(EVAL_PROTOCOLS)})")
     model.eval()
     inputs, targets = data.targets(split)
     if protocol == "full":

@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("auto", "full", "sampled", "bce")
+from mvrec.config import LOSSES
+
 # `auto` takes the exact full softmax up to this many items, the sampled one above: on Games (23.7k items)
 # full was the more accurate at 3x a sampled step; its cost grows with the catalogue (docs/recommender.md).
 AUTO_FULL_MAX_ITEMS = 50_000

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("id", "replace", "fuse", "dff")
+from mvrec.config import REPRESENTATIONS
 
 
 class ItemEmbedding(nn.Module):
@@ -29,8 +29,8 @@ class ItemEmbedding(nn.Module):
         that fallback too, so it learns what a typical item scores, not only what a rare one does
         (DropoutNet). Every cell of the study gets the same rule, so they treat cold items alike."""
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown item representation {mode!r} (one of {', '.join(MODES)})")
+        if mode not in REPRESENTATIONS:
+            raise ValueError(f"unknown item representation {mode!r} (one of {', '.join(REPRESENTATIONS)})")
         if (mode == "id") != (features is None):
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'id' else 'needs'} features")
         self.mode, self.n_items, self.id_dropout = mode, n_items, id_dropout

@@ -13,7 +13,6 @@ from typing import Any
 from mvrec.config import Config, StoreConfig, TrainConfig
 from recommender.data import SeqData, load_sequences
 from recommender.features import FeatureBank, load_features
-from recommender.presets import apply_preset
 from recommender.train import resolve_features, train
 
 
@@ -31,7 +30,7 @@ class FeatureSpec:
 def load_inputs(interactions: str | Path, train_cfg: TrainConfig, spec: FeatureSpec | None = None,
                 store: StoreConfig | None = None, layers: str = "all") -> tuple[SeqData, FeatureBank]:
     """The split interactions and the feature bank aligned to their items (store options included)."""
-    spec, store, train_cfg = spec or FeatureSpec(), store or StoreConfig(), apply_preset(train_cfg)
+    spec, store = spec or FeatureSpec(), store or StoreConfig()
     data = load_sequences(interactions, train_cfg.min_seq_len, train_cfg.max_seq_len)
     bank = load_features(data.items, hidden=spec.features, caption=spec.caption_features, topics=spec.topics,
                          store=store.path if spec.extractor else None, extractor=spec.extractor,
@@ -45,7 +44,7 @@ def train_from_store(cfg: Config, interactions: str, extractor_id: str, represen
     """Train a representation on store features and ID-only next to it (flows/refresh.py).
 
     -> {"test": {name: metrics}, "valid": {...}, "runs": {name: dir}, "snapshot": {...}, "missing": [...]}"""
-    base = apply_preset(cfg.train)
+    base = cfg.train
     data, bank = load_inputs(interactions, base, FeatureSpec(extractor=extractor_id, as_of=as_of), cfg.store)
     out: dict[str, Any] = {"test": {}, "valid": {}, "runs": {}, "snapshot": bank.snapshot,
                            "missing": bank.missing.get("hidden", [])}

@@ -24,7 +24,6 @@ import numpy as np
 from mvrec.config import StudyConfig, TrainConfig
 from recommender.data import SeqData
 from recommender.features import FeatureBank
-from recommender.presets import apply_preset
 from recommender.train import resolve_features, train
 
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -246,7 +245,7 @@ def plot_dff_weights(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainConfig:
     """The TrainConfig of every cell: the study's keys over train's (the one place they apply)."""
-    return dataclasses.replace(apply_preset(train_cfg), max_epochs=study_cfg.max_epochs,
+    return dataclasses.replace(train_cfg, max_epochs=study_cfg.max_epochs,
                                batch_size=study_cfg.batch_size, lr=study_cfg.lr,
                                id_min_count=study_cfg.id_min_count, id_dropout=study_cfg.id_dropout)
 

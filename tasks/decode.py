@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvrec.config import Policy, parse_policy
 from tasks.lvlm import VideoInput, VideoMeta
 
 DEFAULT_POLICY = "uniform:8"
@@ -82,29 +83,7 @@ class PartialVideo(DecodeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# policies
-
-
-@dataclass(frozen=True)
-class Policy:
-    kind: str  # uniform | fps
-    value: float  # frames (uniform) or frames per second (fps)
-
-
-def parse_policy(policy: str) -> Policy:
-    """'uniform:8' or 'fps:2.0'. Raises ValueError naming the `policy` parameter."""
-    kind, sep, value = str(policy).strip().partition(":")
-    if not sep or kind not in ("uniform", "fps"):
-        raise ValueError(f"policy: {policy!r} is not 'uniform:N' or 'fps:F'")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"policy: {policy!r} has a non-numeric value {value!r}") from None
-    if kind == "uniform" and (number < 1 or number != int(number)):
-        raise ValueError(f"policy: {policy!r} needs a whole number of frames >= 1")
-    if kind == "fps" and not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"policy: {policy!r} needs frames per second > 0")
-    return Policy(kind, number)
+# policies (parsed by mvrec.config.parse_policy, the one parser)
 
 
 def frame_indices(policy: Policy, total_frames: int, fps: float, max_frames: int) -> list[int]:

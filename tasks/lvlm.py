@@ -18,8 +18,9 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from mvrec.config import POOLINGS
+
 FINAL_LAYER = -1
-POOLINGS = ("video", "prompt", "last")
 TEST_MODEL_FLAG = "mvrec_test_model"  # set in config.json by mvrec.devtools.test_model
 
 
@@ -176,19 +177,6 @@ def chat_prompt(processor: Any, prompt: str) -> str:
 def clean_caption(text: str) -> str:
     """One line, single spaces: the same caption text from every backend."""
     return " ".join(text.split())
-
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
-
-
-def dtype_name(dtype: str, on_cpu: bool) -> str:
-    """auto: float32 on CPU, bfloat16 on GPU; otherwise the canonical name of `dtype`."""
-    if not dtype or dtype == "auto":
-        return "float32" if on_cpu else "bfloat16"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
 
 
 def find_decoder(model: Any) -> tuple[Any, Any]:

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from mvrec import torch_compat
+from mvrec.config import dtype_name
 from tasks.lvlm import (
     FINAL_LAYER,
     BackendOOM,
@@ -39,7 +40,6 @@ from tasks.lvlm import (
     chat_prompt,
     check_pooling,
     clean_caption,
-    dtype_name,
     find_decoder,
     is_test_model,
     layer_rows,

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mvrec.config import dtype_name
 from tasks.lvlm import (
     ExtractSpec,
     ModelInfo,
@@ -55,7 +56,6 @@ from tasks.lvlm import (
     chat_prompt,
     check_pooling,
     clean_caption,
-    dtype_name,
     find_decoder,
     is_test_model,
     layer_rows,

@@ -252,18 +252,6 @@ def test_one_log_line_per_epoch_and_a_validation_subsample(tmp_path):
     assert sub.n_users == 100 and sub.train_counts is data.train_counts
 
 
-def test_presets_apply_under_explicit_keys():
-    from recommender.presets import PRESETS, apply_preset
-
-    cfg = apply_preset(TrainConfig(preset="sasrec-games", dim=64), keep={"dim"})
-    assert cfg.dim == 64 and cfg.max_seq_len == PRESETS["sasrec-games"]["max_seq_len"] == 50
-    bce = apply_preset(TrainConfig(preset="sasrec-bce"))
-    assert (bce.loss, bce.batch_size, bce.dropout) == ("bce", 128, 0.5)
-    assert apply_preset(TrainConfig()) == TrainConfig()
-    with pytest.raises(ValueError, match="unknown train.preset"):
-        apply_preset(TrainConfig(preset="nope"))
-
-
 @pytest.mark.parametrize("loss", ["full", "sampled", "bce"])
 def test_every_loss_trains(tmp_path, loss):
     data, _ = _planted_data()

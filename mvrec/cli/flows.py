@@ -25,8 +25,6 @@ def _prepare(overrides: dict[str, Any]):
     from flows.runtime import configure_prefect
 
     configure_prefect(cfg.prefect)
-    if cfg.extract.backend not in ("transformers", "vllm"):
-        raise ValueError(f"extract.backend: unknown backend {cfg.extract.backend!r} (choose transformers or vllm)")
     model = cfg.extract.model
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
         # A path, not a hub id: fail now rather than after Prefect has started.

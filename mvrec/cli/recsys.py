@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from mvrec.cli.common import app, check_store_ids, console, err_console, get_config, work_started
+from mvrec.config import PRESETS
 
 FEATURE_HELP = "Hidden-state matrix: .npy (+ <name>.ids.txt), .npz (item_ids, features, layers) or .parquet."
 
@@ -65,7 +66,7 @@ def train(
     caption_extractor: Optional[str] = _CAPTION_EXTRACTOR,
     as_of: Optional[str] = _AS_OF,
     synthetic_topics: Optional[Path] = _SYNTHETIC_TOPICS,
-    preset: Optional[str] = typer.Option(None, "--preset", help="A named recipe: sasrec-games | sasrec-bce."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"A named recipe: {' | '.join(PRESETS)}."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -75,15 +76,12 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out/<name>)."),
 ) -> None:
     """Train one SASRec model (id / replace / fuse / dff) and report validation and test metrics."""
-    flags = {"train.representation": representation, "train.source": source, "train.max_epochs": epochs,
-             "train.seed": seed, "train.lr": lr, "train.dim": dim, "train.loss": loss, "train.device": device,
-             "train.preset": preset}
-    cfg = get_config(**flags)
+    cfg = get_config(**{"train.representation": representation, "train.source": source, "train.max_epochs": epochs,
+                        "train.seed": seed, "train.lr": lr, "train.dim": dim, "train.loss": loss,
+                        "train.device": device, "train.preset": preset})
     check_store_ids(cfg, {"--extractor": extractor, "--caption-extractor": caption_extractor}, as_of)
-    from recommender.presets import apply_preset
     from recommender.train import resolve_features, train as train_model
 
-    cfg.train = apply_preset(cfg.train, keep={k.split(".")[1] for k, v in flags.items() if v is not None})
     data, bank = _load(interactions, cfg, _spec(features, caption_features, synthetic_topics, extractor,
                                                 caption_extractor, as_of))
     log = lambda m: err_console.print(m, markup=False, highlight=False)  # noqa: E731
