@@ -341,6 +341,9 @@ class TrainConfig:
     eval_protocol: str = setting("full", _one_of(*EVAL_PROTOCOLS))
     # Items with no features: zero (zero vector, listed in the run) | error
     missing_features: str = setting("zero", _one_of("zero", "error"))
+    # The item features' dtype in memory: float32 | bfloat16 | float16 (half the bytes; the model
+    # mixes and projects them chunk by chunk, so no float32 copy of the whole matrix is made).
+    features_dtype: str = setting("float32", _one_of("float32", "bfloat16", "float16"))
     # 0: half the CPU cores (at most 4) torch threads; the CPU is usually shared.
     num_threads: int = setting(0, _min(0))
 
