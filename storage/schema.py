@@ -217,7 +217,9 @@ EXTRACT_FILE = pa.schema([
     ("caption", pa.string()), ("layers", pa.list_(pa.int32())),
     ("hidden", pa.list_(pa.list_(pa.float32()))),  # one pooled vector per entry of `layers`
     ("pooling", pa.string()), ("n_video_tokens", pa.int32()), ("n_prompt_tokens", pa.int32()),
-    ("n_new_tokens", pa.int32()), ("num_frames", pa.int32()), ("fps", pa.float64()),
+    ("n_new_tokens", pa.int32()), ("num_frames", pa.int32()),  # frames decoded and sampled
+    ("frame_count", pa.int32()), ("partial", pa.bool_()),  # frames in the stream; fewer than its header promised
+    ("fps", pa.float64()),
     ("duration_s", pa.float64()), ("width", pa.int32()), ("height", pa.int32()), ("rotation", pa.int32()),
     ("decoder", pa.string()), ("timings", pa.string()),  # timings: JSON of the stage times
     ("model", pa.string()), ("revision", pa.string()), ("arch", pa.string()), ("is_test_model", pa.bool_()),

@@ -1,28 +1,21 @@
-"""The extraction loop, one for every entry point: a plain generator, no Prefect, no store.
+"""The two steps of a model batch, and what they share: no Prefect, no store.
 
-    for batch in iter_batches(refs, backend, lookahead=2, batch_size=4, opts=DecodeOptions("uniform:8")):
-        batch.results    # Extracted (ref, features, meta, decode_s), in input order
-        batch.failures   # Failure, one per video that did not make it
+- decode_one: a file -> frames + metadata, or a Failure. DecodeErrors are permanent; anything else
+  is retried `retries` times with backoff first.
+- run_model / run_batch: the model on a list of videos. A batch that runs out of memory
+  (BackendOOM) is split in halves and retried; a single video that still does not fit is a Failure
+  with stage "model"; any other model error is retried one video at a time, so only the culprits fail.
 
-Decoding runs `lookahead` batches ahead of the model (decord and PyAV release the GIL), so the model
-rarely waits for frames. `mvrec extract` runs it as is; the extract-features flow swaps in Prefect
-task submission for the two steps (`decode`, `model`), so each batch is one decode-batch and one
-lvlm-batch task run. A bad file never stops the loop:
-- a decode error becomes a Failure with stage "decode"; DecodeErrors are permanent, anything else
-  is retried `retries` times with backoff first;
-- a batch that runs out of memory (BackendOOM) is split in halves and retried; a single video that
-  still does not fit is a Failure with stage "model";
-- any other model error on a batch is retried one video at a time, so only the culprits fail.
+tasks/dataplane.py runs them: decode workers and model replicas, on threads or on Ray. It is the
+one extraction loop; the extract-features flow and `mvrec extract` (through extract_videos) use it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable
 
 from tasks.decode import DEFAULT_POLICY, decode
 from tasks.discover import VideoRef, local_copy
@@ -100,77 +93,33 @@ def decode_one(ref: VideoRef, opts: DecodeOptions, retries: int = 0, retry_delay
     return failure, time.perf_counter() - t0
 
 
-def decode_batch(refs: Sequence[VideoRef], opts: DecodeOptions, workers: int = 1, retries: int = 0,
-                 retry_delay_s: float = 1.0) -> list[Decoded]:
-    """decode_one for every ref, in order, `workers` at a time."""
-    if workers <= 1:
-        return [decode_one(r, opts, retries, retry_delay_s) for r in refs]
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        return list(pool.map(lambda r: decode_one(r, opts, retries, retry_delay_s), refs))
-
-
-def run_batch(backend: LVLMBackend, videos: list[VideoInput]) -> ModelResult:
-    """One model call; on out-of-memory split in halves, on any other error find the culprits alone."""
+def run_batch(extract: Callable[[list], list[VideoFeatures]], videos: list) -> ModelResult:
+    """One model call (`extract`: a backend's extract or extract_prepared); on out-of-memory split in
+    halves, on any other error find the culprits alone."""
     try:
-        return list(backend.extract(videos)), []
-    except Exception as e:  # noqa: BLE001 - one video's failure must not stop the others
+        return list(extract(videos)), []
+    except Exception as error:  # noqa: BLE001 - one video's failure must not stop the others
         if len(videos) == 1:
-            v = videos[0]
-            return [None], [Failure.of(v.video_id, v.meta.path, "model", e)]
-        parts = [videos[: len(videos) // 2], videos[len(videos) // 2:]] if isinstance(e, BackendOOM) \
+            video = videos[0]
+            return [None], [Failure.of(video.video_id, video.meta.path, "model", error)]
+        parts = [videos[: len(videos) // 2], videos[len(videos) // 2:]] if isinstance(error, BackendOOM) \
             else [[v] for v in videos]
-        feats, failures = [], []
+        features, failures = [], []
         for part in parts:
-            f, fl = run_batch(backend, part)
-            feats += f
-            failures += fl
-        return feats, failures
+            part_features, part_failures = run_batch(extract, part)
+            features += part_features
+            failures += part_failures
+        return features, failures
 
 
-def run_model(backend: LVLMBackend, videos: list[VideoInput], batch_size: int) -> ModelResult:
+def run_model(extract: Callable[[list], list[VideoFeatures]], videos: list, batch_size: int) -> ModelResult:
     """run_batch over consecutive model batches of `batch_size` videos."""
-    feats, failures = [], []
+    features, failures = [], []
     for i in range(0, len(videos), batch_size):
-        f, fl = run_batch(backend, videos[i:i + batch_size])
-        feats += f
-        failures += fl
-    return feats, failures
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-
-
-def iter_batches(refs: Sequence[VideoRef], backend: LVLMBackend | None, lookahead: int = 2, batch_size: int = 4,
-                 opts: DecodeOptions = DecodeOptions(), model_batch: int = 0,
-                 decode: Callable[[list[VideoRef]], Any] | None = None,
-                 model: Callable[[list[VideoInput]], ModelResult] | None = None) -> Iterator[Batch]:
-    """Decode, run and yield `batch_size` refs at a time, in order; the next `lookahead` batches
-    decode (one thread each) while the model works. The model sees `model_batch` videos at a time
-    (default batch_size). `decode(refs)` (returns a future: anything with .result()) and
-    `model(videos)` replace how a batch runs: they stand for decode_batch and run_model."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
-    refs = list(refs)
-    with ThreadPoolExecutor(max(1, lookahead), thread_name_prefix="decode") as pool:
-        decode = decode or (lambda chunk: pool.submit(decode_batch, chunk, opts))
-        model = model or (lambda videos: run_model(backend, videos, model_batch or batch_size))
-        ahead: deque[tuple[list[VideoRef], Any]] = deque()
-        for start in range(0, len(refs), batch_size):
-            ahead.append((refs[start:start + batch_size], decode(refs[start:start + batch_size])))
-            if len(ahead) > lookahead:
-                yield _finish(*ahead.popleft(), model)
-        while ahead:
-            yield _finish(*ahead.popleft(), model)
-
-
-def _finish(chunk: list[VideoRef], decoding: Any, model: Callable[[list[VideoInput]], ModelResult]) -> Batch:
-    """Wait for a batch's frames, run the model on what decoded, pair the features with their refs."""
-    decoded: list[Decoded] = decoding.result()
-    ok = [(ref, video, s) for ref, (video, s) in zip(chunk, decoded) if not isinstance(video, Failure)]
-    feats, model_failures = model([video for _, video, _ in ok]) if ok else ([], [])
-    results = [Extracted(ref, f, video.meta, s) for (ref, video, s), f in zip(ok, feats) if f is not None]
-    return Batch(results, [v for v, _ in decoded if isinstance(v, Failure)] + model_failures)
+        part_features, part_failures = run_batch(extract, videos[i:i + batch_size])
+        features += part_features
+        failures += part_failures
+    return features, failures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,18 +129,23 @@ def _finish(chunk: list[VideoRef], decoding: Any, model: Callable[[list[VideoInp
 ProgressFn = Callable[[int, int, int], None]  # (videos done, of which failed, total)
 
 
-def extract_videos(paths: Iterable[str | Path], backend: LVLMBackend, batch_size: int = 4,
+def extract_videos(videos: Iterable[str | Path | VideoRef], backend: LVLMBackend, batch_size: int = 4,
                    decode_kwargs: dict | None = None, on_progress: ProgressFn | None = None,
-                   decode_workers: int = 2) -> tuple[list[Extracted], list[Failure]]:
-    """iter_batches over local files (video_id = file stem), collected: results in input order
-    (failed videos left out) and a Failure for every other video."""
-    refs = [VideoRef(video_id=Path(p).stem, uri=str(p)) for p in paths]
+                   decode_workers: int = 2, opts: DecodeOptions | None = None) -> tuple[list[Extracted], list[Failure]]:
+    """The data plane on threads with an already loaded backend, collected: results in input order
+    (failed videos left out) and a Failure for every other video. `videos`: VideoRefs, or local files
+    (video_id = file stem). `mvrec extract` and the tests use it."""
+    from tasks.dataplane import PlaneSpec, run_plane
+
+    refs = [v if isinstance(v, VideoRef) else VideoRef(video_id=Path(v).stem, uri=str(v)) for v in videos]
+    plane = PlaneSpec(backend.name, getattr(backend, "spec", None), opts or DecodeOptions(**(decode_kwargs or {})),
+                      batch_size=batch_size, replicas=1, decode_workers=decode_workers)
     results: list[Extracted] = []
     failures: list[Failure] = []
-    for batch in iter_batches(refs, backend, lookahead=max(1, decode_workers), batch_size=batch_size,
-                              opts=DecodeOptions(**(decode_kwargs or {}))):
+    for batch, _ in run_plane(refs, plane, backends=[backend]):
         results += batch.results
         failures += batch.failures
         if on_progress is not None:
             on_progress(len(results) + len(failures), len(failures), len(refs))
-    return results, failures
+    order = {ref.video_id: i for i, ref in enumerate(refs)}
+    return sorted(results, key=lambda x: order[x.ref.video_id]), sorted(failures, key=lambda f: order[f.video_id])

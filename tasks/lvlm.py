@@ -132,7 +132,8 @@ class LVLMBackend(Protocol):
     info: ModelInfo
 
     def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
-        """Captions and pooled hidden states for a batch, in input order."""
+        """Captions and pooled hidden states for a batch, in input order. A backend whose
+        load_preprocessor is not None also has `extract_prepared(items)` for preprocessed videos."""
         ...
 
     def close(self) -> None:
@@ -246,4 +247,18 @@ def load_backend(name: str, spec: ExtractSpec) -> LVLMBackend:
         from tasks.lvlm_vllm import VLLMBackend
 
         return VLLMBackend(spec)
+    if name == "standin":
+        from tasks.lvlm_standin import StandinBackend
+
+        return StandinBackend(spec)
     raise ValueError(f"backend: unknown LVLM backend {name!r} (choose transformers or vllm)")
+
+
+def load_preprocessor(name: str, spec: ExtractSpec) -> Any:
+    """What runs on a decode worker after decoding: an object with `preprocess(video)`, or None when
+    the backend takes frames as they are (vLLM runs the processor inside its engine)."""
+    if name == "transformers":
+        from tasks.lvlm_transformers import TransformersPreprocessor
+
+        return TransformersPreprocessor(spec)
+    return None

@@ -23,6 +23,7 @@ forward for the hidden states, then generate). bench/extract.py measures both ag
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -172,11 +173,66 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+@dataclass
+class PreparedVideo:
+    """One video through the processor, on the CPU: what a model replica needs, without the frames."""
+
+    video_id: str
+    meta: VideoMeta
+    inputs: dict[str, torch.Tensor]  # the processor's tensors for a batch of one
+    preprocess_s: float
+
+
+class TransformersPreprocessor:
+    """The processor alone (tokenizer, resize, patchify): loads no weights, so decode workers run it
+    next to the decoder and the model replica's thread only runs the model."""
+
+    def __init__(self, spec: ExtractSpec):
+        from transformers import AutoProcessor
+
+        try:
+            self.processor = AutoProcessor.from_pretrained(spec.model, revision=spec.revision or None)
+        except OSError as e:
+            raise ValueError(f"model: cannot load {spec.model!r} ({str(e).splitlines()[0]})") from e
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"  # generation appends on the right
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.prompt_text = chat_prompt(self.processor, spec.prompt)
+        # Extra processor arguments, e.g. {"size": {...}} to change the processor's pixel budget.
+        self.processor_kwargs = dict(spec.options.get("processor_kwargs", {}))
+
+    def preprocess(self, video: VideoInput) -> PreparedVideo:
+        t0 = time.perf_counter()
+        inputs = self.processor(text=[self.prompt_text], videos=[video.frames],
+                                video_metadata=[processor_metadata(video.meta)],
+                                do_sample_frames=False,  # frames arrive already sampled by tasks.decode
+                                return_tensors="pt", **self.processor_kwargs)
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        return PreparedVideo(video.video_id, video.meta, tensors, time.perf_counter() - t0)
+
+
+def collate_prepared(items: Sequence[PreparedVideo], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """What the processor gives for the whole batch: per-token tensors (batch of one, prompt length)
+    left-padded to the longest prompt, everything else (patches, grids) concatenated in order."""
+    longest = max(item.inputs["input_ids"].shape[1] for item in items)
+    out: dict[str, torch.Tensor] = {}
+    for key in items[0].inputs:
+        values = [item.inputs[key] for item in items]
+        per_token = all(v.dim() == 2 and v.shape[0] == 1 and v.shape == item.inputs["input_ids"].shape
+                        for v, item in zip(values, items, strict=True))
+        if per_token:
+            fill = pad_token_id if key == "input_ids" else 0
+            values = [torch.nn.functional.pad(v, (longest - v.shape[1], 0), value=fill) for v in values]
+        out[key] = torch.cat(values, dim=0)
+    return out
+
+
 class TransformersBackend:
     name = "transformers"
 
     def __init__(self, spec: ExtractSpec):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -189,15 +245,12 @@ class TransformersBackend:
         self.dtype = getattr(torch, dtype_name(spec.dtype, on_cpu=self.device == "cpu"))
         revision = spec.revision or None
         try:
-            self.processor = AutoProcessor.from_pretrained(spec.model, revision=revision)
+            self.preprocessor = TransformersPreprocessor(spec)
             self.model = AutoModelForImageTextToText.from_pretrained(spec.model, revision=revision, dtype=self.dtype)
         except OSError as e:
             raise ValueError(f"model: cannot load {spec.model!r} ({str(e).splitlines()[0]})") from e
         self.model.to(self.device).eval()
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # generation appends on the right
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.processor, self.tokenizer = self.preprocessor.processor, self.preprocessor.processor.tokenizer
 
         config = self.model.config
         text_config = config.get_text_config()
@@ -216,33 +269,22 @@ class TransformersBackend:
             device=self.device,
         )
         self.capture = _PooledCapture(*find_decoder(self.model), self.num_layers, self.rows)
-        self.prompt_text = chat_prompt(self.processor, spec.prompt)
-        # Extra processor arguments, e.g. {"size": {...}} to change the processor's pixel budget.
-        self.processor_kwargs = dict(spec.options.get("processor_kwargs", {}))
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_ids.add(self.tokenizer.eos_token_id)
 
-    # -- preprocessing --------------------------------------------------------------------
+    # -- preprocessing: TransformersPreprocessor, which decode workers also run ----------------
 
     def prepare(self, batch: Sequence[VideoInput]) -> dict:
         """Processor outputs for a batch, on the model's device and dtype."""
-        inputs = self.processor(
-            text=[self.prompt_text] * len(batch),
-            videos=[v.frames for v in batch],
-            video_metadata=[processor_metadata(v.meta) for v in batch],
-            do_sample_frames=False,  # frames arrive already sampled by tasks.decode
-            padding=True,
-            return_tensors="pt",
-            **self.processor_kwargs,
-        )
+        return self.collate([self.preprocessor.preprocess(v) for v in batch])
+
+    def collate(self, items: Sequence[PreparedVideo]) -> dict:
+        """One padded batch from videos prepared one at a time, on the model's device and dtype."""
         out = {}
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            out[key] = value
+        for key, value in collate_prepared(items, self.tokenizer.pad_token_id).items():
+            value = value.to(self.device)
+            out[key] = value.to(self.dtype) if value.is_floating_point() else value
         return out
 
     # -- the model ------------------------------------------------------------------------
@@ -288,12 +330,15 @@ class TransformersBackend:
         return clean_caption(text), count
 
     def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
+        return self.extract_prepared([self.preprocessor.preprocess(v) for v in batch])
+
+    def extract_prepared(self, batch: Sequence[PreparedVideo]) -> list[VideoFeatures]:
+        """extract() for videos the preprocessor has already run on (a decode worker, elsewhere)."""
         if not batch:
             return []
         try:
-            t0 = time.perf_counter()
-            inputs = self.prepare(batch)
             t1 = time.perf_counter()
+            inputs = self.collate(batch)
             pooled, new_ids = self.run(inputs)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -322,7 +367,7 @@ class TransformersBackend:
                 n_video_tokens=int(n_video[i]),
                 n_prompt_tokens=int(n_prompt[i]),
                 n_new_tokens=n_new,
-                timings={"preprocess_s": (t1 - t0) * share, "model_s": (t2 - t1) * share},
+                timings={"preprocess_s": video.preprocess_s, "model_s": (t2 - t1) * share},
             ))
         return out
 
@@ -333,5 +378,5 @@ class TransformersBackend:
             torch.cuda.empty_cache()
 
 
-__all__ = ["TransformersBackend", "pooling_weights", "pool", "processor_metadata",
+__all__ = ["TransformersBackend", "TransformersPreprocessor", "PreparedVideo", "pooling_weights", "pool", "processor_metadata",
            "FINAL_LAYER"]

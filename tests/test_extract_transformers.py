@@ -164,33 +164,25 @@ def test_bad_files_become_failures_and_the_rest_succeed(backend, corpus, tmp_pat
     np.testing.assert_allclose(results[1].features.hidden, alone.hidden, atol=1e-5, rtol=0)
 
 
-def test_the_loop_decodes_ahead_and_keeps_input_order(backend, corpus):
-    """iter_batches submits the decodes of the next `lookahead` batches before the model runs on a
-    batch; its results pair each ref with its own features, in input order."""
-    from tasks.discover import VideoRef
-    from tasks.extract import DecodeOptions, decode_batch, iter_batches, run_model
+def test_videos_prepared_one_at_a_time_collate_to_the_processors_batch(model_dirs, videos):
+    """Decode workers run the processor per video; the replica pads and concatenates. That must be
+    exactly what the processor gives for the whole batch, for both model families."""
+    import torch
 
-    refs = [VideoRef(p.stem, str(p)) for p in corpus] * 2  # 8 videos, 4 batches of 2
-    events, opts = [], DecodeOptions(**DECODE)
+    from tasks.lvlm_transformers import processor_metadata
 
-    class Submitted:  # decodes here, when submitted; the real decode_batch does the work
-        def __init__(self, chunk):
-            events.append(("decode", [r.video_id for r in chunk]))
-            self.value = decode_batch(chunk, opts)
-
-        def result(self):
-            return self.value
-
-    def model(videos):
-        events.append(("model", [v.video_id for v in videos]))
-        return run_model(backend, videos, 2)
-
-    batches = list(iter_batches(refs, None, lookahead=1, batch_size=2, decode=Submitted, model=model))
-    assert [kind for kind, _ in events] == ["decode", "decode", "model", "decode", "model", "decode", "model", "model"]
-    assert [e[1] for e in events if e[0] == "model"] == [["a", "b"], ["c", "d"], ["a", "b"], ["c", "d"]]
-    results = [r for b in batches for r in b.results]
-    assert [r.ref.video_id for r in results] == [r.features.video_id for r in results] == [r.video_id for r in refs]
-    np.testing.assert_array_equal(results[0].features.hidden, results[4].features.hidden)
+    for arch in ("qwen2_5_vl", "qwen3_vl"):
+        b = TransformersBackend(ExtractSpec(model=str(model_dirs[arch]), max_new_tokens=0))
+        try:
+            whole = b.processor(text=[b.preprocessor.prompt_text] * len(videos), videos=[v.frames for v in videos],
+                                video_metadata=[processor_metadata(v.meta) for v in videos], do_sample_frames=False,
+                                padding=True, return_tensors="pt")
+            collated = b.collate([b.preprocessor.preprocess(v) for v in videos])
+            assert sorted(collated) == sorted(k for k, v in whole.items() if isinstance(v, torch.Tensor))
+            for key, value in collated.items():
+                assert torch.equal(value, whole[key].to(value.dtype)), f"{arch}: {key} differs"
+        finally:
+            b.close()
 
 
 class _SmallMemory:

@@ -66,7 +66,7 @@ def open_store_path(path: Path):
 
 
 def test_extract_skip_and_incremental(prefect_harness, corpus, tmp_path):
-    from flows.extract import LVLM_CALLS, extract_features
+    from flows.extract import extract_features
 
     videos = _videos_dir(corpus, tmp_path, 20, corrupt=True)
     store = tmp_path / "store"
@@ -80,9 +80,8 @@ def test_extract_skip_and_incremental(prefect_harness, corpus, tmp_path):
     assert sorted(f[2] for f in failures) == ["Unreadable", "Unreadable"]
 
     # Unchanged corpus: no model work at all, and the broken files are not retried.
-    calls_before = dict(LVLM_CALLS)
     second = extract_features(str(videos), overrides=ov)
-    assert LVLM_CALLS == calls_before
+    assert second["lvlm_batches"] == 0
     assert (second["processed"], second["skipped_done"], second["skipped_broken"]) == (0, 20, 2)
 
     # Three new videos: exactly those three go through the model.
@@ -90,8 +89,7 @@ def test_extract_skip_and_incremental(prefect_harness, corpus, tmp_path):
         src = next((corpus / "corpus" / "videos").glob(f"{i}.*"))
         shutil.copy(src, videos / src.name)
     third = extract_features(str(videos), overrides=ov)
-    assert third["processed"] == 3
-    assert LVLM_CALLS["videos"] - calls_before["videos"] == 3
+    assert third["processed"] == 3 and third["lvlm_batches"] == 1  # 3 videos, batch_size 4
     per_layer, dupes, _ = _counts(store)
     assert per_layer == {k: 23 for k in [*range(N_LAYERS + 1), -1]} and dupes == 0
 
@@ -148,9 +146,8 @@ def test_transient_failure_after_retries_fails_the_run_and_rerun_failed_fixes_it
     assert [(f[0], f[2]) for f in failures] == [("3", "OSError")]
 
     broken["on"] = False
-    calls = dict(fx.LVLM_CALLS)
     rerun = fx.extract_features(str(videos), overrides=ov, only_failed=True)
-    assert rerun["processed"] == 1 and fx.LVLM_CALLS["videos"] - calls["videos"] == 1
+    assert rerun["processed"] == 1 and rerun["lvlm_batches"] == 1
     per_layer, dupes, failures = _counts(tmp_path / "store")
     assert set(per_layer.values()) == {3} and dupes == 0 and failures == []
 

@@ -17,26 +17,45 @@ def _rows(results, failures, info, spec, opts) -> list[dict]:
     common = {"model": info.model, "revision": info.revision, "arch": info.arch,
               "is_test_model": info.is_test_model, "prompt": spec.prompt, "frames": opts.policy}
     rows = []
-    for r in results:
-        f, m = r.features, r.meta
+    for done in results:
+        features, meta = done.features, done.meta
         rows.append({
-            "video_id": f.video_id, "path": r.ref.uri, "status": "ok", "error_stage": None, "error_type": None,
-            "error": None, "caption": f.caption, "layers": [int(k) for k in f.layers],
-            "hidden": f.hidden.astype("float32").tolist(), "pooling": f.pooling,
-            "n_video_tokens": f.n_video_tokens, "n_prompt_tokens": f.n_prompt_tokens, "n_new_tokens": f.n_new_tokens,
-            "num_frames": len(m.frames_indices), "fps": m.fps, "duration_s": m.duration_s,
-            "width": m.width, "height": m.height, "rotation": m.rotation, "decoder": m.backend,
-            "timings": json.dumps({"decode_s": r.decode_s, **f.timings}), **common,
+            "video_id": features.video_id, "path": done.ref.uri, "status": "ok", "error_stage": None,
+            "error_type": None, "error": None, "caption": features.caption, "layers": [int(k) for k in features.layers],
+            "hidden": features.hidden.astype("float32").tolist(), "pooling": features.pooling,
+            "n_video_tokens": features.n_video_tokens, "n_prompt_tokens": features.n_prompt_tokens,
+            "n_new_tokens": features.n_new_tokens, "num_frames": len(meta.frames_indices),
+            "frame_count": meta.total_num_frames, "partial": meta.partial, "fps": meta.fps,
+            "duration_s": meta.duration_s, "width": meta.width, "height": meta.height, "rotation": meta.rotation,
+            "decoder": meta.backend, "timings": json.dumps({"decode_s": done.decode_s, **features.timings}), **common,
         })
-    for fl in failures:
-        rows.append({
-            "video_id": fl.video_id, "path": fl.uri, "status": "failed", "error_stage": fl.stage,
-            "error_type": fl.error_type, "error": fl.message, "caption": None, "layers": None, "hidden": None,
-            "pooling": spec.pooling, "n_video_tokens": None, "n_prompt_tokens": None, "n_new_tokens": None,
-            "num_frames": None, "fps": None, "duration_s": None, "width": None, "height": None, "rotation": None,
-            "decoder": None, "timings": None, **common,
-        })
+    empty = {key: None for key in ("caption", "layers", "hidden", "n_video_tokens", "n_prompt_tokens", "n_new_tokens",
+                                   "num_frames", "frame_count", "partial", "fps", "duration_s", "width", "height",
+                                   "rotation", "decoder", "timings")}
+    for failure in failures:
+        rows.append({"video_id": failure.video_id, "path": failure.uri, "status": "failed",
+                     "error_stage": failure.stage, "error_type": failure.error_type, "error": failure.message,
+                     "pooling": spec.pooling, **empty, **common})
     return rows
+
+
+def _quality_gate(results, dim: int) -> tuple[list, list]:
+    """The store's quality gate (storage/quality.py) on every vector: a NaN/Inf, wrong-size or
+    all-zero embedding makes its video a failed row here too."""
+    from storage.quality import check_embedding
+    from tasks.lvlm import FINAL_LAYER, Failure
+
+    kept, rejected = [], []
+    for done in results:
+        problems = [(layer, problem) for layer, vec in zip(done.features.layers, done.features.hidden, strict=True)
+                    if (problem := check_embedding(vec, dim))]
+        if not problems:
+            kept.append(done)
+            continue
+        layer, (error_type, message) = problems[0]
+        where = "final" if layer == FINAL_LAYER else layer
+        rejected.append(Failure(done.ref.video_id, done.ref.uri, "model", error_type, f"layer {where}: {message}"))
+    return kept, rejected
 
 
 def _write_parquet(rows: list[dict], out: Path) -> None:
@@ -68,10 +87,9 @@ def extract_cmd(
     """Decode the videos in VIDEO_DIR, run the LVLM, write captions and per-layer pooled hidden states."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from tasks.decode import parse_policy
     from tasks.discover import discover_videos
-    from tasks.extract import decode_options, extract_spec, iter_batches
-    from tasks.lvlm import POOLINGS, load_backend
+    from tasks.extract import decode_options, extract_spec, extract_videos
+    from tasks.lvlm import load_backend
 
     config = get_config(**{
         "extract.model": model, "extract.frames": frames, "extract.batch_size": batch_size,
@@ -83,12 +101,6 @@ def extract_cmd(
         raise typer.BadParameter(f"{video_dir} does not exist", param_hint="VIDEO_DIR")
     if not video_dir.is_dir():
         raise typer.BadParameter(f"{video_dir} is not a directory", param_hint="VIDEO_DIR")
-    if cfg.pooling not in POOLINGS:
-        raise typer.BadParameter(f"{cfg.pooling!r} is not one of {', '.join(POOLINGS)}", param_hint="--pooling")
-    try:
-        parse_policy(cfg.frames)
-    except ValueError as e:
-        raise typer.BadParameter(str(e).removeprefix("policy: "), param_hint="--frames") from None
     refs = discover_videos(video_dir)
     if not refs:
         raise typer.BadParameter(f"no video files in {video_dir}", param_hint="VIDEO_DIR")
@@ -109,22 +121,24 @@ def extract_cmd(
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("extract", total=len(refs), rate=0.0, failed=0)
-            results, failures = [], []
-            for batch in iter_batches(refs, lvlm, lookahead=cfg.decode_workers, batch_size=cfg.batch_size, opts=opts):
-                results += batch.results
-                failures += batch.failures
-                done = len(results) + len(failures)
-                progress.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9),
-                                failed=len(failures))
+
+            def show(done: int, failed: int, total: int) -> None:
+                progress.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9), failed=failed)
+
+            results, failures = extract_videos(refs, lvlm, batch_size=cfg.batch_size, opts=opts, on_progress=show,
+                                               decode_workers=cfg.decode_workers)
     finally:
         lvlm.close()
     elapsed = time.perf_counter() - start
+    results, rejected = _quality_gate(results, info.hidden_size)
+    failures += rejected
     _write_parquet(_rows(results, failures, info, spec, opts), out)
     console.print(f"wrote {out}: {len(results)} ok, {len(failures)} failed, "
                   f"{len(refs) / elapsed:.2f} videos/s over {elapsed:.1f} s")
-    for fl in failures[:10]:
-        console.print(f"  [red]failed[/] {fl.uri}: {fl.stage} {fl.error_type}: {fl.message}", highlight=False)
+    for failure in failures[:10]:
+        console.print(f"  [red]failed[/] {failure.uri}: {failure.stage} {failure.error_type}: {failure.message}",
+                      highlight=False)
     if len(failures) > 10:
         console.print(f"  ... and {len(failures) - 10} more (status = 'failed' rows in {out})")
-    if any(not fl.permanent for fl in failures):
+    if any(not failure.permanent for failure in failures):
         raise typer.Exit(1)  # transient failures: a rerun may succeed (exit codes: docs/cli.md)
