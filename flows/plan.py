@@ -6,6 +6,7 @@ starting an orchestrator when there is none.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import pyarrow.compute as pc
@@ -20,12 +21,19 @@ from tasks.lvlm import model_revision
 FEATURE_CODE_VERSION = f"mvrec-{mvrec.__version__}"
 
 
+def model_name(model: str) -> str:
+    """A local model directory by its absolute path, so that `./models/m` and `/abs/models/m` are
+    one extractor wherever the command runs; a hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def extractor_record(cfg: Config) -> ExtractorRecord:
     """Everything that changes the features. The backend is not part of it: both backends give the
     same vectors (tests/test_vllm.py holds them to 1e-4), so their rows are interchangeable."""
     e = cfg.extract
     return ExtractorRecord(
-        model=e.model, revision=model_revision(e.model, e.revision), prompt=e.prompt, frame_policy=e.frames,
+        model=model_name(e.model), revision=model_revision(e.model, e.revision), prompt=e.prompt, frame_policy=e.frames,
         pooling=e.pooling, code_version=FEATURE_CODE_VERSION,
         params={"layers": e.layers, "dtype": e.dtype, "max_frames": e.max_frames, "max_pixels": e.max_pixels,
                 "max_new_tokens": e.max_new_tokens})

@@ -61,6 +61,37 @@ def test_plan_skips_only_permanent_failures_of_the_same_content():
     assert [r.video_id for r in todo] == ["broken", "flaky", "changed"]
 
 
+def test_the_vllm_worker_extension_is_importable_by_its_name():
+    """vLLM imports the hooks by this string in every worker; no vllm needed to check it resolves."""
+    import importlib
+
+    from tasks.lvlm_vllm import _EXT_CLS
+
+    module, _, name = _EXT_CLS.rpartition(".")
+    extension = getattr(importlib.import_module(module), name)
+    assert {"mvrec_install_hooks", "mvrec_collect", "mvrec_reset"} <= set(vars(extension))
+
+
+def test_extractor_id_does_not_depend_on_how_the_model_path_is_spelled(tmp_path, monkeypatch):
+    from flows.plan import extractor_record
+    from mvrec.config import load_config
+
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "models")
+
+    def eid(spelling: str) -> str:
+        return extractor_record(load_config(env={}, overrides={"extract.model": spelling})).extractor_id
+
+    assert eid("m") == eid("./m") == eid(str(model)) == eid(f"{tmp_path}/models/../models/m")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert eid(str(other)) != eid("m")  # the same content elsewhere is another model directory
+    assert eid("Org/hub-model") != eid("Org/other-model")  # hub ids as they are
+
+
 def test_cli_and_flow_build_the_same_spec_and_decode_options():
     """One place builds them from the config: `mvrec extract --backend vllm` gets the [vllm] options."""
     from mvrec.config import load_config
