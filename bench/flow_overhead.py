@@ -3,16 +3,12 @@ loopback, minus the same work done by plain functions, on N demo videos with the
 
 Variants, each in a fresh process with a fresh store (model load, decode, LVLM, store commits and
 the run record are timed; Python imports are not):
-- plain:   discover -> hash -> plan -> tasks.extract.iter_batches as `mvrec extract` runs it
-           (batches of extract.batch_size, decode_workers batches decoded ahead) -> one store
-           commit per extract.commit_size videos; no Prefect;
-- batches: the same, in the flow's shape without Prefect: batches of commit_size decoded one
-           batch ahead by decode_workers threads, the model on batch_size videos at a time;
-- flow:    flows.extract.extract_features of this tree (decode-batch, lvlm-batch, commit-batch);
-- before:  the flow of an older commit (--before REV, e.g. the one-task-per-video version), run
-           from a `git archive` of that commit.
-Orchestration overhead = flow wall time - the same work as plain functions (`batches`), as a share
-of the flow's wall time; `plain` is the best plain way. On a shared machine wall time swings with
+- plain:   discover -> hash -> plan -> the data plane on threads (tasks/dataplane.py) -> the same
+           quality gate and commits (every result waiting once commit_size videos wait); no Prefect;
+- flow:    flows.extract.extract_features of this tree (discover-videos, hash-videos, commit-batch);
+- before:  the flow of an older commit (--before REV), run from a `git archive` of that commit.
+Orchestration overhead = flow wall time - the same work as plain functions (`plain`), as a share
+of the flow's wall time. On a shared machine wall time swings with
 the other jobs, so CPU seconds are printed too: the worker process's own, plus what the Prefect
 server's processes spent while it ran (the flow's API calls). Each variant runs --rounds times,
 interleaved (forward, then backward) against drifting load; the table shows the fastest round.
@@ -48,19 +44,21 @@ def _overrides(a) -> dict:
 
 
 def worker_plain(a) -> dict:
+    """The flow's work without Prefect: the same plan, data plane, quality gate and commits."""
     from dataclasses import asdict
 
-    from flows.extract import failure_rows
+    from flows.extract import batch_rows, failure_rows, plane_spec
     from flows.plan import extractor_record, plan_work
     from mvrec.config import load_config
     from storage import ExtractionBatch, ExtractorRecord, open_store
+    from storage.quality import gate_batch
+    from tasks.dataplane import in_background, run_plane
     from tasks.discover import discover_videos, hash_videos
-    from tasks.extract import decode_options, extract_spec, iter_batches
-    from tasks.lvlm import Failure, load_backend
+    from tasks.extract import Batch
+    from tasks.lvlm import Failure
 
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = load_config(overrides=_overrides(a))
-    e = cfg.extract
     store, record = open_store(cfg.store), extractor_record(cfg)
     eid = record.extractor_id
     run_id = store.start_run("extract-plain", extractor_id=eid)
@@ -71,46 +69,18 @@ def worker_plain(a) -> dict:
     if unreadable:
         store.write_batch(ExtractionBatch(failures=failure_rows(
             [Failure(r.video_id, r.uri, "read", "Unreadable", why, True) for r, why in unreadable], by_id, run_id, eid)))
-    backend = load_backend(e.backend, extract_spec(cfg))
-    store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": backend.info.hidden_size,
-                                              "num_layers": backend.info.num_layers}))
-    processed, pending, opts = 0, [], decode_options(cfg)
-    if a.worker == "batches":  # the flow's shape: commit_size batches, one decoded ahead
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tasks.extract import decode_batch
-
-        pool = ThreadPoolExecutor(1)
-        loop = iter_batches(todo, backend, lookahead=1, batch_size=e.commit_size, model_batch=e.batch_size,
-                            decode=lambda chunk: pool.submit(decode_batch, chunk, opts, e.decode_workers))
-    else:
-        loop = iter_batches(todo, backend, lookahead=e.decode_workers, batch_size=e.batch_size, opts=opts)
-    for batch in loop:
-        processed += len(batch.results)
-        pending.append(batch)
-        if sum(len(b.results) + len(b.failures) for b in pending) >= e.commit_size:
-            store.write_batch(_merge(pending, by_id, run_id, eid))
-            pending = []
-    if pending:
-        store.write_batch(_merge(pending, by_id, run_id, eid))
+    processed, model = 0, None
+    for arrived in in_background(run_plane(todo, plane_spec(cfg)), min_videos=cfg.extract.commit_size):
+        if model is None:
+            model = arrived[0][1]
+            store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": model.hidden_size,
+                                                      "num_layers": model.num_layers}))
+        batch = Batch([done for b, _ in arrived for done in b.results], [f for b, _ in arrived for f in b.failures])
+        gated = gate_batch(batch_rows(batch, by_id, run_id, eid), model.hidden_size, run_id)
+        store.write_batch(gated.batch)
+        processed += len(batch.results) - len(gated.rejected)
     store.finish_run(run_id, counts={"processed": processed})
-    backend.close()
     return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "processed": processed}
-
-
-def _merge(batches, by_id, run_id, eid):
-    """The rows of several loop batches as one commit, as the flow commits one batch of commit_size."""
-    from flows.extract import batch_rows
-    from storage import ExtractionBatch
-
-    out = ExtractionBatch()
-    for b in batches:
-        rows = batch_rows(b, by_id, run_id, eid)
-        out.videos += rows.videos
-        out.captions += rows.captions
-        out.hidden_states += rows.hidden_states
-        out.failures += rows.failures
-    return out
 
 
 def worker_flow(a) -> dict:
@@ -130,7 +100,7 @@ def run_worker(a) -> None:
     import torch
 
     torch.set_num_threads(1)
-    result = {"plain": worker_plain, "batches": worker_plain, "flow": worker_flow}[a.worker](a)
+    result = {"plain": worker_plain, "flow": worker_flow}[a.worker](a)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -233,7 +203,7 @@ def main() -> None:
     ap.add_argument("--work", default="", help="work directory (default: a temporary one); corpus and model are reused")
     # worker mode (internal)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--worker", choices=["plain", "batches", "flow"])
+    ap.add_argument("--worker", choices=["plain", "flow"])
     for opt in ("--code-root", "--videos-dir", "--model", "--store"):
         ap.add_argument(opt)
     a = ap.parse_args()
@@ -251,7 +221,7 @@ def main() -> None:
         make_demo_corpus(corpus, videos=a.videos, users=100, seed=0)
     if not (work / "model" / "config.json").exists():
         build_test_model(work / "model")
-    variants = [("plain", "plain", ROOT), ("batches", "batches", ROOT), ("flow", "flow", ROOT)]
+    variants = [("plain", "plain", ROOT), ("flow", "flow", ROOT)]
     if a.before:
         before = work / f"code-{a.before}"
         if not before.exists():
@@ -274,18 +244,16 @@ def main() -> None:
                       f"load {r['load'][0]:.2f} -> {r['load'][1]:.2f}", flush=True)
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
-    same, best = results["batches"]["seconds"], results["plain"]["seconds"]
+    same = results["plain"]["seconds"]
     print(f"\nfastest of {a.rounds} round(s)")
-    print(f"{'variant':<18} {'wall s':>8} {'videos/s':>9} {'task runs/1000 videos':>22} "
-          f"{'overhead vs batches':>20} {'vs plain':>16}")
+    print(f"{'variant':<18} {'wall s':>8} {'videos/s':>9} {'task runs/1000 videos':>22} {'overhead vs plain':>20}")
     for name, r in results.items():
         s = r["seconds"]
-        cols = f"{s - same:7.1f} s {100 * (s - same) / s:6.1f}% {s - best:7.1f} s {100 * (s - best) / s:5.1f}%"
-        print(f"{name:<18} {s:8.1f} {r['processed'] / s:9.2f} {r['task_runs'] * 1000 / a.videos:22.0f} "
-              f"{cols if r['task_runs'] else '':>37}")
+        overhead = f"{s - same:7.1f} s {100 * (s - same) / s:6.1f}%" if r["task_runs"] else ""
+        print(f"{name:<18} {s:8.1f} {r['processed'] / s:9.2f} {r['task_runs'] * 1000 / a.videos:22.0f} {overhead:>20}")
     # the server spends CPU even when idle: count it on both sides
-    same_cpu = results["batches"]["cpu"] + results["batches"]["server_cpu"]
-    print(f"\nCPU seconds (process + server while it ran) vs batches ({same_cpu:.1f} CPU-s), fastest round:")
+    same_cpu = results["plain"]["cpu"] + results["plain"]["server_cpu"]
+    print(f"\nCPU seconds (process + server while it ran) vs plain ({same_cpu:.1f} CPU-s), fastest round:")
     for name, r in results.items():
         if r["task_runs"]:
             cpu = r["cpu"] + r["server_cpu"]

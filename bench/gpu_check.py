@@ -18,8 +18,8 @@ Steps:
 2. decode cost: every video decoded once in one thread by tasks.extract.decode_one (production
    defaults), as videos per CPU-second (process CPU time, all decoder threads counted) and wall;
 3. per shape and per caption length (16 new tokens and 0, i.e. prefill only): the corpus through
-   the production loop tasks.extract.iter_batches (--decode-workers batches decode ahead of the
-   model, a thread each), batched, pooling every layer. --tiny adds one file that is not a video,
+   the production data plane on threads (tasks/dataplane.py: --decode-workers decode + processor
+   workers feed one model replica), batched, pooling every layer. --tiny adds one file that is not a video,
    so the failure path runs too. Printed: videos/s, prefill tokens/s, estimated MFU, GPU busy fraction,
    cores needed to keep the model fed, peak GPU memory. JSON of everything goes to --out.
 
@@ -36,8 +36,8 @@ MFU = FLOPs / (seconds * 790e12), 790 TFLOP/s being the bf16 matrix rate measure
 kind; "model" uses the GPU time of the backend's model calls (CUDA events), "wall" the whole run.
 GPU busy: the model calls' CUDA-event time over the wall time (an upper bound: gaps inside a
 call count as busy), and NVML's utilization sampled every 0.1 s (torch.cuda.utilization).
-Cores to keep the model fed = (videos/s of the model alone) x (decode CPU-seconds per video) + 1
-for the model's own thread, which also runs the processor between model calls.
+Cores to keep the model fed = (videos/s of the model alone) x (decode CPU-seconds + processor
+seconds per video, both on the decode workers) + 1 for the replica's own thread.
 """
 
 from __future__ import annotations
@@ -183,12 +183,13 @@ def batch_flops(config, grid_thw, prompt_tokens, new_steps: int) -> dict:
 
 @dataclass
 class Meter:
-    """Times the backend's prepare (CPU, on the model's thread) and run (the model) calls."""
+    """Times the replica's collate (padding and the copy to the device, on the model's thread) and
+    run (the model) calls. The processor itself runs on the decode workers (tasks/dataplane.py)."""
 
     cuda: bool
     config: object
-    prepare_s: float = 0.0  # wall: the model waits for it
-    prepare_cpu_s: float = 0.0  # CPU of the calling thread alone (torch's intra-op threads not counted)
+    collate_s: float = 0.0  # wall: the model waits for it
+    collate_cpu_s: float = 0.0  # CPU of the calling thread alone (torch's intra-op threads not counted)
     model_s: float = 0.0  # CUDA-event time on GPU, wall time on CPU
     calls: int = 0
     prompt_tokens: int = 0
@@ -198,13 +199,13 @@ class Meter:
     def attach(self, backend) -> None:
         import torch
 
-        prepare, run = backend.prepare, backend.run
+        collate, run = backend.collate, backend.run
 
-        def timed_prepare(batch):
+        def timed_collate(batch):
             t0, c0 = time.perf_counter(), time.thread_time()
-            out = prepare(batch)
-            self.prepare_s += time.perf_counter() - t0
-            self.prepare_cpu_s += time.thread_time() - c0
+            out = collate(batch)
+            self.collate_s += time.perf_counter() - t0
+            self.collate_cpu_s += time.thread_time() - c0
             return out
 
         def timed_run(inputs):
@@ -229,7 +230,7 @@ class Meter:
                 self.flops[k] += v
             return pooled, new_ids
 
-        backend.prepare, backend.run = timed_prepare, timed_run
+        backend.collate, backend.run = timed_collate, timed_run
 
 
 class UtilSampler:
@@ -309,7 +310,8 @@ def decode_cost(refs: list, opts) -> dict:
 def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, deadline: float) -> list[dict]:
     import torch
 
-    from tasks.extract import decode_batch, iter_batches
+    from tasks.dataplane import PlaneSpec, run_plane
+    from tasks.extract import decode_one
     from tasks.lvlm import ExtractSpec, load_backend
 
     cuda = args.device.startswith("cuda")
@@ -323,7 +325,9 @@ def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, dea
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in backend.model.parameters())
     assert backend.info.is_test_model, "the check must only ever run on test models"
-    warm = [video for video, _ in decode_batch(refs[:args.batch], args.opts) if hasattr(video, "frames")]
+    warm = [video for video, _ in (decode_one(ref, args.opts) for ref in refs[:args.batch]) if hasattr(video, "frames")]
+    plane = PlaneSpec("transformers", spec, args.opts, batch_size=args.batch, replicas=1,
+                      decode_workers=args.decode_workers)
     try:
         for new_tokens in args.new_tokens:
             if time.perf_counter() > deadline:
@@ -339,13 +343,12 @@ def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, dea
             results, failures = [], []
             with UtilSampler() as util:
                 t0 = time.perf_counter()
-                # the production loop: `lookahead` batches decode (a thread each) while the model runs
-                for batch in iter_batches(refs, backend, lookahead=args.decode_workers, batch_size=args.batch,
-                                          opts=args.opts):
+                # the production data plane on threads: decode + processor workers feed one replica
+                for batch, _ in run_plane(refs, plane, backends=[backend]):
                     results += batch.results
                     failures += batch.failures
                 wall = time.perf_counter() - t0
-            del backend.prepare, backend.run  # back to the class methods
+            del backend.collate, backend.run  # back to the class methods
             for f in failures[:3]:
                 print(f"  failure: {f.uri}: {f.stage} {f.error_type}: {f.message[:300]}")
             n = len(results)
@@ -353,13 +356,15 @@ def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, dea
                 rows.append({"shape": shape.name, "new_tokens": new_tokens, "videos": 0, "failures": len(failures)})
                 continue
             flops = sum(meter.flops.values())
+            preprocess_s = sum(r.features.timings.get("preprocess_s", 0.0) for r in results) / n  # on decode workers
             model_rate = n / meter.model_s  # videos/s if the model never waited for input
             rows.append({
                 "shape": shape.name, "params": n_params, "build_s": build_s, "new_tokens": new_tokens,
                 "batch": args.batch, "videos": n, "failures": len(failures), "wall_s": wall,
                 "videos_per_s": n / wall, "model_s": meter.model_s, "model_videos_per_s": model_rate,
-                "prepare_s_per_video": meter.prepare_s / max(n, 1),
-                "prepare_thread_cpu_s_per_video": meter.prepare_cpu_s / max(n, 1),
+                "collate_s_per_video": meter.collate_s / max(n, 1),
+                "collate_thread_cpu_s_per_video": meter.collate_cpu_s / max(n, 1),
+                "preprocess_s_per_video": preprocess_s,
                 "prompt_tokens": meter.prompt_tokens, "padded_tokens": meter.padded_tokens,
                 "prefill_tokens_per_s": meter.prompt_tokens / wall,
                 "prefill_tokens_per_model_s": meter.prompt_tokens / meter.model_s,
@@ -367,10 +372,10 @@ def run_shape(shape: Shape, args, refs: list, decode_cpu_s_per_video: float, dea
                 "mfu_model": flops / (meter.model_s * PEAK_FLOPS), "mfu_wall": flops / (wall * PEAK_FLOPS),
                 "gpu_busy_events": meter.model_s / wall if cuda else None,
                 "gpu_util_nvml": util.mean() if cuda else None,
-                "decode_cores_needed": model_rate * decode_cpu_s_per_video,
-                "cores_needed": model_rate * decode_cpu_s_per_video + 1,  # + the model's own thread
-                # the processor runs on the model's thread between model calls: GPU busy cannot exceed this
-                "busy_bound_processor": meter.model_s / (meter.model_s + meter.prepare_s),
+                "decode_cores_needed": model_rate * (decode_cpu_s_per_video + preprocess_s),
+                "cores_needed": model_rate * (decode_cpu_s_per_video + preprocess_s) + 1,  # + the replica's thread
+                # collate runs on the model's thread between model calls: GPU busy cannot exceed this
+                "busy_bound_collate": meter.model_s / (meter.model_s + meter.collate_s),
                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 "layers_pooled": len(results[0].features.layers) if results else 0,
                 "num_layers": backend.num_layers,
@@ -397,10 +402,10 @@ def print_row(r: dict) -> None:
     print(f"  TFLOP vision {tf['vision']:.1f} + prefill {tf['prefill']:.1f} + decode {tf['decode']:.1f}; "
           f"MFU vs 790 TFLOP/s: model {r['mfu_model']:.1%}, wall {r['mfu_wall']:.1%}")
     print(f"  GPU busy: events {_fmt(r['gpu_busy_events'], '.1%')}, NVML {_fmt(r['gpu_util_nvml'], '.1%')}; "
-          f"peak GPU memory {_fmt(r['peak_gpu_gib'])} GiB; processor {1e3 * r['prepare_s_per_video']:.1f} ms/video "
-          f"on the model's thread ({1e3 * r['prepare_thread_cpu_s_per_video']:.1f} ms CPU of that thread)")
-    print(f"  cores to keep the model fed: {r['cores_needed']:.1f} = decode {r['decode_cores_needed']:.1f} + 1 for "
-          f"the model's thread; the processor on that thread caps GPU busy at {r['busy_bound_processor']:.0%}")
+          f"peak GPU memory {_fmt(r['peak_gpu_gib'])} GiB; processor {1e3 * r['preprocess_s_per_video']:.1f} ms/video "
+          f"on the decode workers; collate {1e3 * r['collate_s_per_video']:.1f} ms/video on the model's thread")
+    print(f"  cores to keep the model fed: {r['cores_needed']:.1f} = decode + processor {r['decode_cores_needed']:.1f} "
+          f"+ 1 for the model's thread; collate on that thread caps GPU busy at {r['busy_bound_collate']:.0%}")
 
 
 # ---------------------------------------------------------------------------------------------

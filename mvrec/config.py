@@ -48,7 +48,8 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # vocabularies: the one list of each set of choices; the modules that implement them import it
 
-BACKENDS = ("transformers", "vllm")  # tasks/lvlm_transformers.py, tasks/lvlm_vllm.py
+# tasks/lvlm_transformers.py, tasks/lvlm_vllm.py; standin: the accelerator stand-in of benches (tasks/lvlm_standin.py)
+BACKENDS = ("transformers", "vllm", "standin")
 ENGINES = ("threads", "ray")  # tasks/dataplane.py
 POOLINGS = ("video", "prompt", "last")  # tasks/lvlm.py
 REPRESENTATIONS = ("id", "replace", "fuse", "dff")  # recommender/model.py

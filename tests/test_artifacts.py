@@ -116,8 +116,8 @@ class DamagingBackend:
     def __init__(self, inner, damage):
         self.inner, self.damage, self.info = inner, damage, inner.info
 
-    def extract(self, batch):
-        out = self.inner.extract(batch)
+    def extract_prepared(self, batch):  # the data plane's replicas call this (decode workers ran the processor)
+        out = self.inner.extract_prepared(batch)
         for f in out:
             if f.video_id in self.damage:
                 f.hidden = self.damage[f.video_id](f.hidden.copy())
@@ -154,11 +154,10 @@ def corpus(tmp_path_factory):
 
 
 def _damaging(monkeypatch):
-    import flows.extract as fx
+    import tasks.dataplane as plane
     from tasks.lvlm import load_backend
 
-    monkeypatch.setattr(fx, "_BACKENDS", {})  # no backend cached by an earlier test
-    monkeypatch.setattr(fx, "load_backend", lambda name, spec: DamagingBackend(load_backend(name, spec), DAMAGE))
+    monkeypatch.setattr(plane, "load_backend", lambda name, spec: DamagingBackend(load_backend(name, spec), DAMAGE))
 
 
 def _overrides(corpus: Path, store: Path, **extra) -> dict:
