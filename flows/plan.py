@@ -41,9 +41,12 @@ def extractor_record(cfg: Config) -> ExtractorRecord:
 
 def plan_work(videos: Sequence[VideoRef], completed: set[tuple[str, str]], failures: Sequence[dict],
               only_failed: bool = False) -> tuple[list[VideoRef], dict[str, int]]:
-    """Which videos need the model: not completed for this (sha, extractor), and not known to be
-    permanently broken (unless only_failed, which takes exactly the videos with open failures).
-    Failure rows written before the `permanent` column existed read as not permanent: tried once more."""
+    """Which videos need the model: those whose content on disk now is not the content the store
+    serves for them (`completed` is `store.completed(eid)`: pairs with every layer that readers are
+    served, see FeatureStore.served; so a file reverted to an earlier content is extracted again,
+    which makes that content the served one), and not known to be permanently broken (unless
+    only_failed, which takes exactly the videos with open failures). Failure rows written before the
+    `permanent` column existed read as not permanent: tried once more."""
     failed_ids = {f["video_id"] for f in failures}
     permanent = {(f["video_id"], f.get("content_sha256") or "") for f in failures if f.get("permanent")}
     todo, counts = [], {"done": 0, "known_broken": 0, "not_failed": 0}

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from storage.arrow import conform
+from storage.runs import describe, owner_gone
 from storage.schema import ALL_TABLES
 
 EXAMPLES = 3  # paths listed per failure reason
@@ -42,15 +43,19 @@ class _Tables:
 
 
 def last_runs(runs: pa.Table, n: int) -> list[dict[str, Any]]:
-    """The newest `n` runs: flow, status, counts and duration (None while running)."""
+    """The newest `n` runs: flow, status, counts and duration (None while running). A run still
+    recorded `running` whose process is gone (killed, storage/runs.py) shows as `abandoned`;
+    status only reads, so the row itself is marked by the next run that starts."""
     rows = sorted(runs.to_pylist(), key=lambda r: r["started"], reverse=True)
     out = []
     for r in rows[:n]:
-        done = r["finished"]
+        done, status, message = r["finished"], r["status"], r["message"] or ""
+        if status == "running" and owner_gone(r.get("owner")):
+            status, message = "abandoned", f"abandoned: {describe(r['owner'])} is gone (not yet recorded by a run)"
         out.append({"run_id": r["run_id"], "flow": r["flow"], "extractor_id": r["extractor_id"],
-                    "status": r["status"], "started": _iso(r["started"]), "finished": _iso(done),
+                    "status": status, "started": _iso(r["started"]), "finished": _iso(done),
                     "duration_s": round((done - r["started"]).total_seconds(), 3) if done else None,
-                    "counts": dict(r["counts"] or []), "message": r["message"] or ""})
+                    "counts": dict(r["counts"] or []), "message": message})
     return out
 
 
@@ -107,7 +112,7 @@ def extractor_progress(store, t: _Tables, runs: pa.Table, partial: set[tuple[str
 def partial_videos(videos: pa.Table) -> set[tuple[str, str]]:
     """(video_id, content_sha256) of videos decoded from fewer frames than their header promised."""
     t = videos.filter(pc.fill_null(videos.column("partial"), False))
-    return set(zip(t.column("video_id").to_pylist(), t.column("content_sha256").to_pylist()))
+    return set(zip(t.column("video_id").to_pylist(), t.column("content_sha256").to_pylist(), strict=True))
 
 
 def latest_videos(t: pa.Table) -> pa.Table:
@@ -178,7 +183,8 @@ def store_status(store, runs: int = 10, check_files: bool = True,
     """Everything `mvrec status` shows, as a JSON-ready dict."""
     t = _Tables(store)
     videos = t.read("videos", ["video_id", "uri", "content_sha256", "bytes", "last_seen", "partial"])
-    run_rows = t.read("runs", ["run_id", "flow", "extractor_id", "status", "started", "finished", "counts", "message"])
+    run_rows = t.read("runs", ["run_id", "flow", "extractor_id", "status", "started", "finished", "counts", "message",
+                               "owner"])
     partial = partial_videos(videos)
     failures = failures_by_reason(t.read("failures", ["video_id", "uri", "stage", "error_type", "message"]))
     changed = changed_files(videos, hash_file) if check_files else None

@@ -176,7 +176,7 @@ class FeatureStore(DeltaTables):
             lengths = pc.list_value_length(emb)
             by_ex = pa.table({"e": data.column("extractor_id"), "n": lengths}).group_by("e").aggregate(
                 [("n", "min"), ("n", "max")])
-            for e, lo, hi in zip(*(by_ex.column(c).to_pylist() for c in ("e", "n_min", "n_max"))):
+            for e, lo, hi in zip(*(by_ex.column(c).to_pylist() for c in ("e", "n_min", "n_max")), strict=True):
                 if lo != hi or lo == 0:
                     raise ValueError(f"hidden_states.embedding: extractor {e} has embeddings of "
                                      f"length {lo}..{hi} in one batch; expected one hidden size")
@@ -300,7 +300,9 @@ class FeatureStore(DeltaTables):
 
     def completed(self, extractor_id: str, layers: Sequence[int] | None = None,
                   as_of: AsOf = None) -> set[tuple[str, str]]:
-        """(video_id, content_sha256) pairs that have every layer in `layers` for this extractor.
+        """(video_id, content_sha256) pairs that have every layer in `layers` for this extractor and
+        are what readers are served for that video (see `served`): a video whose file went back to
+        an earlier content is not completed for that content while a later one is served.
 
         layers=None: every layer stored for this extractor (by any video). Reads only key columns.
         """
@@ -316,17 +318,39 @@ class FeatureStore(DeltaTables):
                                            ["video_id", "content_sha256"]) for k in want])
         counts = keys.group_by(["video_id", "content_sha256"]).aggregate([("video_id", "count")])
         done = counts.filter(pc.equal(counts.column("video_id_count"), len(want)))
-        return set(zip(done.column("video_id").to_pylist(), done.column("content_sha256").to_pylist()))
+        pairs = set(zip(done.column("video_id").to_pylist(), done.column("content_sha256").to_pylist(), strict=True))
+        shas: dict[str, set[str]] = {}
+        for v, s in pairs:
+            shas.setdefault(v, set()).add(s)
+        several = {v: c for v, c in shas.items() if len(c) > 1}
+        if not several:
+            return pairs
+        served = self.served(several, as_of)
+        return {(v, s) for v, s in pairs if v not in several or served.get(v) == s}
 
-    def _current_sha(self, video_ids: list[str], as_of: AsOf) -> dict[str, str]:
-        """The content sha of each video's most recently seen version."""
-        t = self.table("videos", self.version_of("videos", as_of)).to_pyarrow_dataset().to_table(
+    def served(self, versions: Mapping[str, set[str]], as_of: AsOf = None) -> dict[str, str]:
+        """Which of a video's stored content versions readers are served: {video_id: sha}.
+
+        versions: {video_id: the content shas it has rows of} (in one layer, or complete). The
+        served one is the version most recently seen (`videos.last_seen`: every extraction of a
+        content stamps it), so after a file goes back to an earlier content and that content is
+        extracted again, readers get it again. A video none of whose versions has a `videos` row
+        is left out. as_of: a tag or {table: version} (an int, a hidden_states version, reads the
+        latest `videos`).
+        """
+        ids = sorted(versions)
+        videos_as_of = None if isinstance(as_of, (int, np.integer)) else as_of
+        t = self.table("videos", self.version_of("videos", videos_as_of)).to_pyarrow_dataset().to_table(
             columns=["video_id", "content_sha256", "last_seen"])
-        t = t.filter(pc.is_in(t.column("video_id"), pa.array(video_ids, t.schema.field("video_id").type)))
+        t = t.filter(pc.is_in(t.column("video_id"), pa.array(ids, t.schema.field("video_id").type)))
         best: dict[str, tuple[Any, str]] = {}
-        for v, s, ts in zip(*(t.column(c).to_pylist() for c in ("video_id", "content_sha256", "last_seen"))):
-            if v not in best or (ts is not None and (best[v][0] is None or ts > best[v][0])):
-                best[v] = (ts, s)
+        for v, s, ts in zip(*(t.column(c).to_pylist() for c in ("video_id", "content_sha256", "last_seen")),
+                            strict=True):
+            if s not in versions[v]:
+                continue
+            rank = (ts is not None, ts or datetime.min.replace(tzinfo=timezone.utc), s)  # newest wins; ties by sha
+            if v not in best or rank > best[v][0]:
+                best[v] = (rank, s)
         return {v: s for v, (_, s) in best.items()}
 
     def _matrix(self, table: pa.Table, column: str, item_ids: Sequence[str], what: str,
@@ -336,10 +360,14 @@ class FeatureStore(DeltaTables):
             table = table.filter(pc.is_valid(table.column(column)))
         vids = table.column("video_id")
         if table.num_rows and pc.count_distinct(vids).as_py() != table.num_rows:
-            # A video with several content versions: keep the rows of its current content.
+            # A video with several content versions: keep the rows of the one it is served (`served`).
             dup = table.group_by("video_id").aggregate([("video_id", "count")])
             dup_ids = dup.filter(pc.greater(dup.column("video_id_count"), 1)).column("video_id").to_pylist()
-            current = self._current_sha(dup_ids, as_of)
+            present: dict[str, set[str]] = {v: set() for v in dup_ids}
+            for v, sha in zip(vids.to_pylist(), table.column("content_sha256").to_pylist(), strict=True):
+                if v in present:
+                    present[v].add(sha)
+            current = self.served(present, as_of)
             unresolved = [v for v in dup_ids if v not in current]
             if unresolved:
                 raise ValueError(f"{what}: several content versions and no `videos` row to pick one for "

@@ -47,6 +47,25 @@ def test_a_killed_run_is_marked_abandoned_by_the_next_start(tmp_path):
     assert store.mark_abandoned() == []
 
 
+def test_status_shows_a_killed_run_as_abandoned_without_writing(tmp_path):
+    from storage.status import store_status
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from storage import FeatureStore
+        FeatureStore({str(tmp_path / 'store')!r}).start_run("extract-features", run_id="killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    store = FeatureStore(str(tmp_path / "store"))
+    store.start_run("extract-features", run_id="alive")  # this process: running
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == -signal.SIGKILL
+    version = store.table("runs").version()
+    shown = {r["run_id"]: r for r in store_status(FeatureStore(store.root, create=False), check_files=False)["runs"]}
+    assert shown["killed"]["status"] == "abandoned" and "is gone" in shown["killed"]["message"]
+    assert shown["alive"]["status"] == "running"
+    assert store.table("runs").version() == version and _runs(store)["killed"]["status"] == "running"  # only read
+
+
 def test_a_reused_pid_or_another_host_is_told_apart(tmp_path):
     me = json.loads(process_owner())
     assert not owner_gone(process_owner())

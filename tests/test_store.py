@@ -165,6 +165,44 @@ def test_layer_matrix_picks_the_current_content_version(store, eid):
     assert store.layer_matrix(eid, 0, ["v1"]).values.tolist() == [[1.0] * D]
 
 
+def _content(eid: str, video: str, sha: str, value: float, seen: datetime) -> ExtractionBatch:
+    return ExtractionBatch(videos=[VideoRow(video, f"/data/{video}.mp4", sha, 10, first_seen=seen, last_seen=seen)],
+                           captions=[CaptionRow(video, sha, eid, sha, "minilm", np.full(4, value, np.float32))],
+                           hidden_states=[HiddenStateRow(video, sha, eid, k, np.full(D, value)) for k in LAYERS])
+
+
+def test_a_file_reverted_to_earlier_content_is_extracted_again_and_then_served(store, eid):
+    """Issue 23: extract A, the file becomes B (extracted), then goes back to A. A's rows are still
+    stored, but readers are served B (the content seen last), so A is not `completed` and the
+    planner takes the video; once A is extracted again, readers get A and it is complete again."""
+    from flows.plan import plan_work
+    from tasks.discover import VideoRef
+
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    store.write_batch(_content(eid, "2", "shaA", 1.0, t0))
+    store.write_batch(_content(eid, "2", "shaB", 5.0, t0 + timedelta(days=1)))
+    assert store.completed(eid) == {("2", "shaB")}
+    assert store.layer_matrix(eid, 0, ["2"]).values.tolist() == [[5.0] * D]
+    todo, counts = plan_work([VideoRef("2", "/data/2.mp4", content_sha256="shaA")], store.completed(eid), [])
+    assert [r.video_id for r in todo] == ["2"] and counts["done"] == 0  # A was seen once: not enough
+    store.write_batch(_content(eid, "2", "shaA", 1.0, t0 + timedelta(days=2)))  # extracted again
+    assert store.completed(eid) == {("2", "shaA")}
+    assert store.layer_matrix(eid, 0, ["2"]).values.tolist() == [[1.0] * D]
+    assert store.caption_matrix(eid, ["2"]).values.tolist() == [[1.0] * 4]
+    todo, counts = plan_work([VideoRef("2", "/data/2.mp4", content_sha256="shaA")], store.completed(eid), [])
+    assert todo == [] and counts["done"] == 1
+    assert store.served({"2": {"shaA", "shaB"}}) == {"2": "shaA"}
+
+
+def test_a_content_version_without_a_videos_row_is_not_served(store, eid):
+    # hidden_states rows of a content whose videos row is missing (an older store): the other wins.
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    store.write_batch(_content(eid, "v", "seen", 1.0, t0))
+    store.upsert_hidden_states([HiddenStateRow("v", "unseen", eid, k, np.full(D, 9.0)) for k in LAYERS])
+    assert store.completed(eid) == {("v", "seen")}
+    assert store.layer_matrix(eid, 0, ["v"]).values.tolist() == [[1.0] * D]
+
+
 def test_snapshots_tags_and_as_of(store, eid):
     store.write_batch(_batch(eid, range(2)))
     snap = store.snapshot()
