@@ -67,7 +67,7 @@ def permuted_twin(pairs: Path, spec: FeatureSpec, out: Path, seed: int = 0) -> F
     the item ids in sorted order, so the draw depends on the item set and the seed only) -> .npz."""
     data, bank = load_inputs(pairs, TRAIN, spec)
     missing = set(bank.missing.get("hidden", []))
-    ids, rows = zip(*sorted((item, r) for r, item in enumerate(data.items) if r and item not in missing))
+    ids, rows = zip(*sorted((item, r) for r, item in enumerate(data.items) if r and item not in missing), strict=True)
     np.savez(out, item_ids=np.random.default_rng(seed).permutation(np.array(ids)),
              features=bank.hidden[list(rows)], layers=np.array(bank.layers))
     return FeatureSpec(features=str(out))

@@ -29,7 +29,7 @@ def embed_captions(store: FeatureStore, extractor_id: str, text_model: str, batc
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         vectors = embed_texts([r["caption"] for r in chunk], text_model)
-        for row, vec in zip(chunk, vectors):
+        for row, vec in zip(chunk, vectors, strict=True):
             row["text_model"] = text_model
             row["text_embedding"] = np.asarray(vec, dtype=np.float32)
         store.upsert_captions(chunk)

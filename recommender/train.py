@@ -283,4 +283,4 @@ def recommend(model: SASRec, ckpt: dict[str, Any], user: str, k: int = 10) -> li
     scores[0] = float("-inf")
     scores[seq] = float("-inf")  # already watched
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-    return [(ckpt["items"][i], s) for i, s in zip(top.indices.tolist(), top.values.tolist())]
+    return [(ckpt["items"][i], s) for i, s in zip(top.indices.tolist(), top.values.tolist(), strict=True)]

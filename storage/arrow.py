@@ -143,5 +143,5 @@ def video_extractor_pairs(rows: Any) -> set[tuple[str, str]]:
     """{(video_id, extractor_id)} of rows (a table, or dicts / dataclasses); '' for no extractor."""
     if isinstance(rows, pa.Table):
         eids = rows.column("extractor_id").to_pylist() if "extractor_id" in rows.column_names else [""] * rows.num_rows
-        return set(zip(rows.column("video_id").to_pylist(), (e or "" for e in eids)))
+        return set(zip(rows.column("video_id").to_pylist(), (e or "" for e in eids), strict=True))
     return {(d["video_id"], d.get("extractor_id") or "") for d in map(as_dict, rows)}

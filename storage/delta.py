@@ -328,10 +328,10 @@ class DeltaTables:
         paths = [os.path.join(root, p) for p in actions.column("path").to_pylist()]
         if set(paths) != set(dt.file_uris()):
             return None
-        parts = [dict(zip((c[len("partition."):] for c in pcols), vals))
-                 for vals in zip(*(actions.column(c).to_pylist() for c in pcols))] if pcols else [{}] * len(paths)
+        parts = [dict(zip((c[len("partition."):] for c in pcols), vals, strict=True))
+                 for vals in zip(*(actions.column(c).to_pylist() for c in pcols), strict=True)] if pcols else [{}] * len(paths)
         want = dict(partition or {})
-        return [(p, v) for p, v in zip(paths, parts) if all(v.get(k) == x for k, x in want.items())]
+        return [(p, v) for p, v in zip(paths, parts, strict=True) if all(v.get(k) == x for k, x in want.items())]
 
     def scan(self, name: str, dt: DeltaTable, partition: Mapping[str, Any], columns: list[str]) -> pa.Table:
         """`columns` of one partition at dt's version: the Parquet files read directly when local

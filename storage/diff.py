@@ -67,7 +67,7 @@ def _keys(store, version: int, extractor_id: str, layer: int) -> dict[str, set[s
     t = ds.to_table(columns=["video_id", "content_sha256"],
                     filter=(pc.field("extractor_id") == extractor_id) & (pc.field("layer") == layer))
     out: dict[str, set[str]] = {}
-    for v, s in zip(t.column("video_id").to_pylist(), t.column("content_sha256").to_pylist()):
+    for v, s in zip(t.column("video_id").to_pylist(), t.column("content_sha256").to_pylist(), strict=True):
         out.setdefault(v, set()).add(s)
     return out
 

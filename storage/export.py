@@ -48,7 +48,7 @@ def records(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
 def _csv_ready(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Nested columns (and other types Arrow's CSV writer cannot write) as text."""
     cols = []
-    for col, f in zip(batch.columns, batch.schema):
+    for col, f in zip(batch.columns, batch.schema, strict=True):
         t = f.type
         if pa.types.is_nested(t):
             col = pa.array([None if v is None else json.dumps(jsonable(dict(v) if pa.types.is_map(t) else v))

@@ -101,9 +101,9 @@ def _refused_functions(sql: str) -> list[str]:
     comments between the name and its parenthesis)."""
     tokens = [(p, k) for p, k in duckdb.tokenize(sql)]
     ends = [p for p, _ in tokens[1:]] + [len(sql)]
-    words = [(sql[p:e].strip(), k) for (p, k), e in zip(tokens, ends) if k != duckdb.token_type.comment]
+    words = [(sql[p:e].strip(), k) for (p, k), e in zip(tokens, ends, strict=True) if k != duckdb.token_type.comment]
     found = []
-    for (text, kind), (after, _) in zip(words, words[1:]):
+    for (text, kind), (after, _) in zip(words, words[1:], strict=False):
         name = text.strip('"').replace('""', '"').lower()
         if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and after.startswith("(") \
                 and name in REFUSED_FUNCTIONS and name not in found:
@@ -311,7 +311,7 @@ class ReadOnlyConnection:
         out: dict[str, list[tuple[str, str]]] = {}
         for name in ALL_TABLES:
             rel = self._con.sql(f'SELECT * FROM "{name}" LIMIT 0')
-            out[name] = [(c, str(t)) for c, t in zip(rel.columns, rel.types)]
+            out[name] = [(c, str(t)) for c, t in zip(rel.columns, rel.types, strict=True)]
         return out
 
     def embedding_dim(self, extractor_id: str, layer: int) -> int | None:

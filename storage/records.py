@@ -128,7 +128,7 @@ class FeatureMatrix:
 
     @property
     def missing(self) -> list[str]:
-        return [i for i, ok in zip(self.item_ids, self.present) if not ok]
+        return [i for i, ok in zip(self.item_ids, self.present, strict=True) if not ok]
 
     def __iter__(self):
         """Unpacks as `values, missing = store.layer_matrix(..., strict=False)`."""

@@ -270,10 +270,10 @@ class VLLMBackend:
         n = len(self._replicas)
         size = -(-len(batch) // n)
         parts = [list(batch[i:i + size]) for i in range(0, len(batch), size)]
-        for replica, part in zip(self._replicas, parts):
+        for replica, part in zip(self._replicas, parts, strict=False):  # a small batch leaves replicas idle
             replica.send(part)
         results, error = [], None
-        for replica, _ in zip(self._replicas, parts):
+        for replica, _ in zip(self._replicas, parts, strict=False):
             try:
                 results.extend(replica.receive())
             except Exception as e:  # noqa: BLE001 - collect every reply before raising
@@ -301,7 +301,7 @@ class VLLMBackend:
         t2 = time.perf_counter()
         results = []
         share = 1.0 / len(batch)
-        for v, out in zip(batch, outs):
+        for v, out in zip(batch, outs, strict=True):
             entry = pooled.get(out.request_id)
             if entry is None:
                 raise RuntimeError(f"{v.video_id}: no hidden states were recorded for request {out.request_id}")

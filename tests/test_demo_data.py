@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import av
@@ -192,7 +193,7 @@ def test_sequence_lengths_and_ids(interactions):
 def test_consecutive_items_share_a_topic_far_above_chance(interactions):
     _, inter = interactions
     topic = inter.item_topic
-    pairs = [(a, b) for s in inter.sequences for a, b in zip(s, s[1:])]
+    pairs = [pair for s in inter.sequences for pair in pairwise(s)]
     same = np.mean([topic[a - 1] == topic[b - 1] for a, b in pairs])
     # Chance: two independent draws from the interacted items' topic distribution.
     shares = np.bincount([topic[i - 1] for s in inter.sequences for i in s]) / sum(map(len, inter.sequences))
@@ -214,7 +215,7 @@ def test_popularity_skew_and_cold_tail(interactions):
 
 def test_partner_links_carry_id_only_signal(interactions):
     params, inter = interactions
-    pairs = [(a, b) for s in inter.sequences for a, b in zip(s, s[1:])]
+    pairs = [pair for s in inter.sequences for pair in pairwise(s)]
     followed_partner = np.mean([inter.partner[a - 1] == b for a, b in pairs])
     assert followed_partner > 20 / params.videos  # far above a uniformly random successor
     # Partners are not chosen by topic, so the pixels cannot predict them.

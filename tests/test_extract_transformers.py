@@ -85,7 +85,7 @@ def test_alone_equals_inside_a_left_padded_batch(backend, videos):
     counts = [f.n_prompt_tokens for f in batch]
     assert len(set(counts)) > 1, "the batch must need padding"
     assert [f.video_id for f in batch] == ["a", "b", "c", "d"]
-    for video, in_batch in zip(videos, batch):
+    for video, in_batch in zip(videos, batch, strict=True):
         alone = backend.extract([video])[0]
         assert in_batch.hidden.shape == (4 + 2, 128) and in_batch.hidden.dtype == np.float32
         assert in_batch.layers == [0, 1, 2, 3, 4, FINAL_LAYER]
@@ -114,7 +114,7 @@ def test_layer_selection_picks_rows_of_all(model_dirs, backend, videos):
         some = b.extract(videos[:2])
     finally:
         b.close()
-    for f, s in zip(full, some):
+    for f, s in zip(full, some, strict=True):
         assert s.layers == [0, 2, FINAL_LAYER]
         np.testing.assert_allclose(s.hidden, f.hidden[[0, 2, 5]], atol=1e-6, rtol=0)
         assert s.caption == f.caption
@@ -128,7 +128,7 @@ def test_two_pass_mode_matches_one_pass(model_dirs, backend, videos):
         two = b.extract(videos)
     finally:
         b.close()
-    for x, y in zip(one, two):
+    for x, y in zip(one, two, strict=True):
         np.testing.assert_allclose(x.hidden, y.hidden, atol=1e-6, rtol=0)
         assert x.caption == y.caption
 
@@ -141,7 +141,7 @@ def test_same_input_twice_is_identical(model_dirs, backend, videos):
         third = fresh.extract(videos)
     finally:
         fresh.close()
-    for a, b, c in zip(first, second, third):
+    for a, b, c in zip(first, second, third, strict=True):
         assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.hidden, c.hidden)
         assert a.caption == b.caption == c.caption
         assert a.n_new_tokens == b.n_new_tokens > 0
@@ -225,7 +225,7 @@ def test_qwen3_vl_non_contiguous_video_tokens(model_dirs, videos):
         batch = b.extract(videos)
         ref = reference_pooled(b.model, inputs, "video", b.layers)
         np.testing.assert_allclose(np.stack([f.hidden for f in batch]), ref, atol=1e-5, rtol=0)
-        for video, in_batch in zip(videos, batch):
+        for video, in_batch in zip(videos, batch, strict=True):
             alone = b.extract([video])[0]
             np.testing.assert_allclose(alone.hidden, in_batch.hidden, atol=1e-5, rtol=0)
             assert alone.caption == in_batch.caption

@@ -47,7 +47,7 @@ def test_history_mask_from_csr():
 def naive_ranks(scores: np.ndarray, targets: np.ndarray, histories: list[list[int]]) -> np.ndarray:
     """The reference: one user at a time, argsort the masked scores, find the target."""
     out = []
-    for s, t, hist in zip(scores, targets, histories):
+    for s, t, hist in zip(scores, targets, histories, strict=True):
         s = s.copy()
         s[0] = -np.inf
         for h in hist:

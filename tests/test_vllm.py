@@ -110,7 +110,7 @@ def test_every_layer_and_final_match_transformers(hf_results, vllm_batch):
     print("max |transformers - vllm| per layer:", {("final" if k == FINAL_LAYER else k): f"{v:.2e}" for k, v in diffs.items()})
     assert len(diffs) == hf[0].hidden.shape[0] == 4 + 2  # layers 0..L and final
     assert all(v <= TOL for v in diffs.values()), diffs
-    for a, b in zip(hf, vllm_batch):
+    for a, b in zip(hf, vllm_batch, strict=True):
         assert b.hidden.dtype == np.float32 and b.hidden.shape == a.hidden.shape
         assert np.isfinite(b.hidden).all() and np.abs(b.hidden).max() > 0
         assert (a.n_video_tokens, a.n_prompt_tokens) == (b.n_video_tokens, b.n_prompt_tokens)
@@ -150,7 +150,7 @@ def test_corrupt_and_rejected_videos_become_failure_rows(engine, clips, videos, 
     assert "max" in by_id["oversized"].message and "model len" in by_id["oversized"].message
     assert [r.features.video_id for r in results] == ["c0", "c1", "c2", "c3"]
     # the engine is alive and unchanged: same vectors as before the failures
-    for r, before in zip(results, vllm_batch):
+    for r, before in zip(results, vllm_batch, strict=True):
         np.testing.assert_allclose(r.features.hidden, before.hidden, atol=1e-5)
     again = engine.extract([videos[4]])
     assert again[0].video_id == "c4" and np.isfinite(again[0].hidden).all()
@@ -182,7 +182,7 @@ def test_other_poolings_with_chunked_prefill_match_transformers(qwen25, videos, 
         backend.close()
     assert got[0].layers == [0, 2, FINAL_LAYER] and got[0].hidden.shape[0] == 3
     rows = [0, 2, 5]  # of the transformers backend's full stack (L = 4)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert np.abs(a.hidden[rows] - b.hidden).max() <= TOL
         assert a.caption == b.caption and b.pooling == pooling
 
@@ -229,7 +229,7 @@ def test_multiprocess_mode_gives_the_same_features(restore_vllm_env, qwen25, vid
         got = backend.extract(videos[:2])
     finally:
         backend.close()
-    for a, b in zip(got, vllm_batch):
+    for a, b in zip(got, vllm_batch[:2], strict=True):
         np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
         assert a.caption == b.caption
 
@@ -250,7 +250,7 @@ def test_data_parallel_replicas_split_the_batch(restore_vllm_env, qwen25, videos
     finally:
         backend.close()
     assert [x.video_id for x in got] == [x.video_id for x in vllm_batch]
-    for a, b in zip(got, vllm_batch):
+    for a, b in zip(got, vllm_batch, strict=True):
         np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
         assert a.caption == b.caption
     np.testing.assert_allclose(again[0].hidden, vllm_batch[0].hidden, atol=1e-5)

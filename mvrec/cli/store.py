@@ -107,7 +107,7 @@ def _print_table(result) -> None:
     from storage.export import records
 
     t = Table(show_header=True, header_style="bold")
-    for name, ty in zip(result.column_names, result.schema.types):
+    for name, ty in zip(result.column_names, result.schema.types, strict=True):
         t.add_column(f"{escape(name)}\n[dim]{escape(str(ty))}[/]", overflow="fold")
     for r in records(result):
         t.add_row(*(escape(_cell(v)) for v in r.values()))

@@ -512,7 +512,7 @@ def render_frames(spec: VideoSpec) -> Iterator[np.ndarray]:
         frame = lay.background.copy()
         y, u, v = _planes(frame, H, W)
         xs, ys, scale = _shape_positions(topic.motion, t, lay.x0, lay.y0, lay.speed, lay.phase)
-        for cx, cy, s, r, color in zip(xs * W, ys * H, scale, lay.radius, lay.colors_yuv):
+        for cx, cy, s, r, color in zip(xs * W, ys * H, scale, lay.radius, lay.colors_yuv, strict=True):
             r = max(2.0, float(r * s))
             _draw(y, int(color[0]), topic.shape, cx, cy, r, extent, step=1)
             _draw(u, int(color[1]), topic.shape, cx, cy, r, extent, step=2)
