@@ -144,3 +144,16 @@ def test_nothing_refers_outside_the_repository():
                 line = text.count("\n", 0, m.start()) + 1
                 hits.append(f"{path.relative_to(ROOT)}:{line}: {m.group(0)}")
     assert not hits, "references outside the repository:\n" + "\n".join(hits)
+
+
+def test_the_store_page_states_the_schema_the_code_writes():
+    """docs/store.md: the schema version of storage.schema, and every column of every table."""
+    from storage.schema import ALL_TABLES, SCHEMA_VERSION
+
+    text = (ROOT / "docs" / "store.md").read_text(encoding="utf-8")
+    assert {int(v) for v in re.findall(r"[Ss]chema version (\d+)", text)} == {SCHEMA_VERSION}
+    assert f"v{SCHEMA_VERSION} added" in text, "the list of versions stops before the current one"
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", text, re.M)}
+    for name, spec in ALL_TABLES.items():
+        missing = [c for c in spec.schema.names if not re.search(rf"\b{c}\b", rows.get(name, ""))]
+        assert not missing, f"docs/store.md, table {name}: no column {missing}"
