@@ -83,10 +83,11 @@ class PlaneStats:
     replica_busy_s: dict[int, float] = field(default_factory=dict)
 
     def busy_shares(self) -> dict[str, Any]:
-        """Busy seconds over the time the plane served (from its first replica ready to the end)."""
-        wall = max(self.wall_s - self.startup_s, 1e-9)
-        return {"replicas": {r: busy / wall for r, busy in sorted(self.replica_busy_s.items())},
-                "decode": self.decode_busy_s / (wall * max(1, self.decode_workers))}
+        """Replicas: busy seconds over the time they served (from the first one ready to the end).
+        Decode workers: over the whole run (they start at once, while the replicas load)."""
+        serving = max(self.wall_s - self.startup_s, 1e-9)
+        return {"replicas": {r: busy / serving for r, busy in sorted(self.replica_busy_s.items())},
+                "decode": self.decode_busy_s / (max(self.wall_s, 1e-9) * max(1, self.decode_workers))}
 
 
 # ---------------------------------------------------------------------------------------------

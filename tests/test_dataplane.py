@@ -171,7 +171,6 @@ def test_ray_rows_match_threads_and_frames_never_reach_the_driver(clips, cluster
     for video_id, (caption, hidden) in on_threads.items():
         assert on_ray[video_id][0] == caption
         np.testing.assert_array_equal(on_ray[video_id][1], hidden)
-    assert sorted(stats.replica_busy_s) == [0, 1]  # both GPU nodes served
     held = [loc for loc in located.values() if loc["node_ids"]]
     assert held and all(head not in loc["node_ids"] for loc in held), "decoded frames were copied to the driver"
 

@@ -207,3 +207,43 @@ def _eid(ov):
     from mvrec.config import load_config
 
     return extractor_record(load_config(overrides=ov)).extractor_id
+
+
+def _feature_rows(store_path: Path) -> dict:
+    from storage import connect
+
+    with connect(open_store_path(store_path)) as con:
+        hidden = con.sql("SELECT video_id, layer, embedding FROM hidden_states ORDER BY ALL").fetchall()
+        captions = dict(con.sql("SELECT video_id, caption FROM captions").fetchall())
+    return {"hidden": {(v, layer): emb for v, layer, emb in hidden}, "captions": captions}
+
+
+def test_threads_and_a_multi_node_ray_cluster_store_the_same_rows(prefect_harness, corpus, tmp_path):
+    """The same corpus through the flow on threads and on a local Ray cluster (a decode node and two
+    nodes declaring one GPU each; the replicas run the test model on their CPU)."""
+    import numpy as np
+
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from flows.extract import extract_features
+
+    videos = _videos_dir(corpus, tmp_path, 9, corrupt=True)
+    on_threads = extract_features(str(videos), overrides=_overrides(corpus, tmp_path / "threads"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=0, num_gpus=1)
+    cluster.add_node(num_cpus=0, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        on_ray = extract_features(str(videos), overrides=_overrides(corpus, tmp_path / "ray", **{
+            "extract.engine": "ray", "extract.replicas": 0}))  # 0: one replica per GPU the cluster has
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert (on_ray["processed"], on_ray["failed"]) == (on_threads["processed"], on_threads["failed"]) == (9, 2)
+    a, b = _feature_rows(tmp_path / "threads"), _feature_rows(tmp_path / "ray")
+    assert a["captions"] == b["captions"] and sorted(a["hidden"]) == sorted(b["hidden"])
+    for key, embedding in a["hidden"].items():
+        np.testing.assert_allclose(b["hidden"][key], embedding, atol=1e-5, rtol=0)
