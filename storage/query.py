@@ -16,9 +16,11 @@ Then the connection is locked down: no extension loading, configuration locked, 
 system or network access except reading the pinned data files themselves (`allowed_paths`; a
 glob, a directory listing, another version's file or any other path is refused).
 
-Two layers of refusal:
-1. every statement is parsed by DuckDB's own parser (`duckdb.extract_statements`); only one
-   SELECT (including WITH ... SELECT, VALUES, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one is run;
+Layers of refusal:
+1. the statement checks of storage/sql_guard.py: one SELECT (including WITH ... SELECT, VALUES,
+   DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one, parsed by DuckDB's own parser, that calls no
+   refused function and, planned on the connection, reaches no table function or column that
+   shows settings, paths or secrets (a catalog view is judged by what it reads);
 2. even a statement that got through cannot write (no COPY target, no database file: the views
    are read_parquet or Arrow scans of an in-memory connection) or reach anything outside.
 
@@ -35,7 +37,6 @@ import shutil
 import tempfile
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
@@ -45,105 +46,15 @@ import pyarrow.compute as pc
 from storage.schema import ALL_TABLES, PIN_ORDER
 from storage.arrow import conform, vector_rows
 from storage.records import AsOf
+from storage.sql_guard import QueryError, ReadOnlyError, check_reach, check_read_only, first_line, one_line_errors
 from storage.store import FeatureStore
+
+__all__ = ["QueryError", "ReadOnlyError", "check_read_only", "ReadOnlyConnection", "connect", "top_k_similar"]
 
 # Partition values written into a hive path verbatim by Delta (no escaping involved).
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
 TOPK_CACHE_BYTES = 2 << 30  # per connection: a 100k x 1536 float32 layer is 0.6 GB
-
-ALLOWED = "SELECT (incl. WITH ... SELECT, VALUES, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN SELECT"
-
-# EXPLAIN [ANALYZE] prefix, after optional comments; what follows is parsed again.
-_EXPLAIN = re.compile(r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*explain\b\s*(?:analy[sz]e\b)?",
-                      re.IGNORECASE | re.DOTALL)
-
-
-# Functions that show the connection's settings (file paths, the secrets and temp directories),
-# secrets, extensions and logs, or run SQL text that the checks above never saw.
-REFUSED_FUNCTIONS = frozenset({
-    "duckdb_settings", "current_setting", "duckdb_secrets", "which_secret", "duckdb_secret_types",
-    "duckdb_secret_type_parameters", "duckdb_extensions", "duckdb_extension_repositories",
-    "duckdb_databases", "duckdb_temporary_files", "duckdb_external_file_cache", "duckdb_external_resources",
-    "duckdb_logs", "duckdb_logs_parsed", "duckdb_log_contexts", "duckdb_views", "duckdb_memory",
-    "pragma_database_size", "pragma_storage_info", "pragma_metadata_info", "pragma_user_agent",
-    "enable_logging", "checkpoint", "force_checkpoint", "query", "query_table", "json_execute_serialized_sql",
-})
-
-
-class QueryError(ValueError):
-    """A statement that DuckDB could not run (unknown column, type error, ...): one line."""
-
-
-class ReadOnlyError(QueryError):
-    """A statement, function or file access that is not allowed here; it was not executed."""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """DuckDB's errors as QueryError (ReadOnlyError for refused file or network access)."""
-    try:
-        yield
-    except duckdb.Error as e:
-        msg = _first_line(e)
-        if isinstance(e, duckdb.PermissionException):
-            raise ReadOnlyError(f"refused: {msg} (only the store's own files can be read here)") from None
-        raise QueryError(msg) from None
-
-
-def _refused_functions(sql: str) -> list[str]:
-    """Names in REFUSED_FUNCTIONS called anywhere in `sql` (quoted or not, any case, any schema,
-    comments between the name and its parenthesis)."""
-    tokens = [(p, k) for p, k in duckdb.tokenize(sql)]
-    ends = [p for p, _ in tokens[1:]] + [len(sql)]
-    words = [(sql[p:e].strip(), k) for (p, k), e in zip(tokens, ends, strict=True) if k != duckdb.token_type.comment]
-    found = []
-    for (text, kind), (after, _) in zip(words, words[1:], strict=False):
-        name = text.strip('"').replace('""', '"').lower()
-        if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and after.startswith("(") \
-                and name in REFUSED_FUNCTIONS and name not in found:
-            found.append(name)
-    return found
-
-
-def check_read_only(sql: str) -> None:
-    """Raise ReadOnlyError unless `sql` is exactly one read-only statement (see ALLOWED)."""
-    if not sql or not sql.strip():
-        raise ReadOnlyError("refused: empty query")
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise ReadOnlyError(f"refused: cannot parse the query: {str(e).splitlines()[0]}") from None
-    if len(statements) != 1:
-        raise ReadOnlyError(f"refused: {len(statements)} statements; run exactly one read-only "
-                            f"statement ({ALLOWED})")
-    refused = _refused_functions(sql)
-    if refused:
-        raise ReadOnlyError(f"refused: {', '.join(f'{n}()' for n in refused)} not allowed here "
-                            "(it shows settings, paths or secrets, or runs SQL text)")
-    st = statements[0]
-    kind = st.type
-    if kind == duckdb.StatementType.EXPLAIN:
-        m = _EXPLAIN.match(sql)
-        inner = sql[m.end():] if m else ""
-        try:
-            inner_st = duckdb.extract_statements(inner) if inner.strip() else []
-        except duckdb.Error:
-            inner_st = []
-        if len(inner_st) != 1 or inner_st[0].type != duckdb.StatementType.SELECT:
-            raise ReadOnlyError(f"refused: EXPLAIN of a statement that is not a SELECT; the store is "
-                                f"read-only here (allowed: {ALLOWED})")
-        return
-    if kind != duckdb.StatementType.SELECT:
-        name = str(kind).rsplit(".", 1)[-1].replace("_STATEMENT", "")
-        raise ReadOnlyError(f"refused: {name} statements are not allowed; the store is read-only "
-                            f"here (allowed: {ALLOWED})")
-
 
 class Result:
     """The rows of one executed statement (only fetching is exposed, not the connection)."""
@@ -153,23 +64,23 @@ class Result:
         self.description = cursor.description
 
     def fetchone(self) -> tuple | None:
-        with _one_line_errors():
+        with one_line_errors():
             return self._cur.fetchone()
 
     def fetchall(self) -> list[tuple]:
-        with _one_line_errors():
+        with one_line_errors():
             return self._cur.fetchall()
 
     def fetchmany(self, size: int = 1) -> list[tuple]:
-        with _one_line_errors():
+        with one_line_errors():
             return self._cur.fetchmany(size)
 
     def arrow(self) -> pa.Table:
-        with _one_line_errors():
+        with one_line_errors():
             return self._cur.to_arrow_table()
 
     def df(self):
-        with _one_line_errors():
+        with one_line_errors():
             return self._cur.df()
 
 
@@ -185,7 +96,7 @@ class Batches:
         try:
             yield from self._reader
         except (pa.ArrowException, OSError) as e:  # a DuckDB error raised while streaming
-            raise QueryError(_first_line(e)) from None
+            raise QueryError(first_line(e)) from None
 
     def close(self) -> None:
         self._reader.close()
@@ -280,30 +191,35 @@ class ReadOnlyConnection:
         else:  # a table of an older schema (read-only access does not upgrade it): NULL columns
             self._con.register(name, conform(name, dt.to_pyarrow_table()))
 
+    def check(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> None:
+        """Raise ReadOnlyError unless `query` may run here (storage/sql_guard.py); runs nothing."""
+        check_read_only(query)
+        check_reach(self._con, query, params)
+
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run one read-only statement; returns a relation (.fetchall(), .arrow(), .df(), .columns)."""
-        check_read_only(query)
-        with _one_line_errors():
+        self.check(query, params)
+        with one_line_errors():
             return self._con.sql(query, params=params)
 
     def execute(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> "Result":
         """Run one read-only statement; returns a cursor-like Result (fetchone/fetchall/arrow/df)."""
-        check_read_only(query)
+        self.check(query, params)
         # Not a cursor(): registered views live in this connection only.
-        with _one_line_errors():
+        with one_line_errors():
             return Result(self._con.execute(query, params))
 
     def arrow(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
         rel = self.sql(query, params)
-        with _one_line_errors():
+        with one_line_errors():
             return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
 
     def batches(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None,
                 rows: int = 8192) -> Batches:
         """Run one read-only statement and stream its result (see Batches)."""
-        check_read_only(query)
-        with _one_line_errors():
+        self.check(query, params)
+        with one_line_errors():
             return Batches(self._con.sql(query, params=params).to_arrow_reader(rows))
 
     def views(self) -> dict[str, list[tuple[str, str]]]:

@@ -340,6 +340,8 @@ def test_metadata_functions_that_show_paths_or_secrets_are_refused(store, sql):
 
 def test_a_column_named_like_a_refused_function_is_fine(store):
     with connect(store) as con:
+        # histogram is an aggregate and a table macro; as an aggregate it reaches nothing refused
+        assert con.execute("SELECT histogram(layer) FROM hidden_states").fetchone() == ({0: 30, 3: 30},)
         assert con.execute('SELECT 1 AS "query", 2 AS checkpoint').fetchall() == [(1, 2)]
         assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchone() == (0,)
 
@@ -405,3 +407,85 @@ def test_cli_export_that_fails_part_way_leaves_the_old_file(store, tmp_path, cap
 def test_cli_table_output_escapes_markup(store, capsys):
     code, out, _ = _mvrec(["query", "SELECT '[/tmp/x]' AS p, '[bold]b' AS q"], store, capsys)
     assert code == 0 and "[/tmp/x]" in out and "[bold]b" in out
+
+
+# --- issue 23: refused by what a query reaches, every catalog view and table function walked ------
+
+def _secrets(con) -> set[str]:
+    """Every path the connection's settings hold (temp directory, allowed paths and directories,
+    extension and secret directories), the store root and the temp directory: what no allowed
+    query may show. Read past the guard, on the raw connection under test."""
+    found = {con.store.root, con.temp_dir}
+    for (value,) in con._con.execute("SELECT value FROM duckdb_settings()").fetchall():
+        for part in str(value or "").strip("[]").split(","):
+            part = part.strip().strip("'\"")
+            if part.startswith(("/", "~")) and len(part) > 3:  # a path, not a time zone like Etc/UTC
+                found.add(part.rstrip("/"))
+    return found
+
+
+def test_every_catalog_view_and_table_function_is_refused_or_shows_nothing_secret(store):
+    """Walk every view of pg_catalog, information_schema and DuckDB's own (duckdb_*, sqlite_*) and
+    every table function and table macro DuckDB offers, each as `SELECT * FROM it`: refused, or
+    failing for want of arguments or file access, or running and showing no setting, path or
+    secret. Prints the walk (pytest -s)."""
+    from storage import QueryError
+
+    with connect(store) as con:
+        secrets = _secrets(con)
+        assert con.temp_dir in secrets and any("hidden_states" in s for s in secrets)  # allowed_paths
+        views = [f"{s}.{v}" for s, v in con._con.execute(
+            "SELECT schema_name, view_name FROM duckdb_views() WHERE internal ORDER BY 1, 2").fetchall()]
+        functions = [f for (f,) in con._con.execute(
+            "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type IN ('table', 'table_macro') "
+            "ORDER BY 1").fetchall()]
+        walked: dict[str, tuple[str, str]] = {}
+        for name, sql in [(v, f"SELECT * FROM {v}") for v in views] + [(f"{f}()", f"SELECT * FROM {f}()")
+                                                                       for f in functions]:
+            try:
+                rows = con.execute(sql).fetchall()
+            except ReadOnlyError as e:
+                walked[name] = ("refused" if "not allowed" in str(e) else "no access", str(e)[:90])
+                continue
+            except QueryError as e:  # needs arguments, or a type it cannot return: nothing shown
+                walked[name] = ("error", str(e)[:90])
+                continue
+            text = repr(rows)
+            leaked = [s for s in secrets if s in text]
+            assert not leaked, f"{name} shows {leaked}"
+            walked[name] = ("ran", f"{len(rows)} rows")
+    print(f"\n{len(views)} catalog views and {len(functions)} table functions walked:")
+    for name, (outcome, detail) in walked.items():
+        print(f"  {outcome:9} {name:45} {detail}")
+    assert len(views) >= 40 and len(functions) >= 100 and len(walked) == len(views) + len(functions)
+    # What leaked before (issue 23) is refused by what it reaches, and the useful catalog still runs.
+    for name in ("pg_catalog.pg_settings", "pg_catalog.pg_views", "information_schema.views", "main.sqlite_master",
+                 "main.duckdb_views", "duckdb_settings()", "duckdb_views()", "duckdb_secrets()",
+                 "duckdb_temporary_files()", "duckdb_extensions()", "duckdb_profiling_settings()"):
+        assert walked[name][0] == "refused", (name, walked[name])
+    for name in ("information_schema.columns", "information_schema.tables", "pg_catalog.pg_class",
+                 "pg_catalog.pg_attribute", "duckdb_columns()", "duckdb_functions()"):
+        assert walked[name][0] == "ran", (name, walked[name])
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT name, setting FROM pg_settings",
+    "SELECT * FROM pg_catalog.pg_settings WHERE name = 'temp_directory'",
+    "SELECT view_definition FROM information_schema.views",
+    "SELECT sql FROM sqlite_master",
+    "SELECT definition FROM pg_views",
+    "WITH s AS (SELECT * FROM pg_settings) SELECT count(*) FROM s",
+    "SELECT * FROM duckdb_profiling_settings()",
+])
+def test_catalog_views_are_refused_by_what_they_reach(store, capsys, sql):
+    with connect(store) as con, pytest.raises(ReadOnlyError, match="refused: "):
+        con.execute(sql)
+    code, out, err = _mvrec(["query", sql], store, capsys)
+    assert code == 2 and err.startswith("error: refused: ") and err.count("\n") == 1 and out == "", err
+    assert "/" not in err  # no path in the message either
+
+
+def test_a_table_macro_reaching_settings_through_sql_text_is_refused_by_its_plan(store):
+    # histogram(table, column) builds its query from text (query_table): the plan shows what it reads.
+    with connect(store) as con, pytest.raises(ReadOnlyError, match=r"refused: duckdb_settings\(\) not allowed"):
+        con.execute("SELECT * FROM histogram('pg_settings', name)")
