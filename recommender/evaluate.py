@@ -174,6 +174,14 @@ def full_ranking_ranks(model, data, split: str = "valid", batch_size: int = 1024
 def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: str | torch.device = "cpu",
              protocol: str = "full", ks=KS, cold_threshold: int = COLD_THRESHOLD, seed: int = 0) -> dict[str, float]:
     """Metrics for every user, plus `cold/...` for targets with < cold_threshold training interactions."""
+    return split_metrics(split_ranks(model, data, split, batch_size, device, protocol, seed), data, split, ks,
+                         cold_threshold)
+
+
+@torch.no_grad()
+def split_ranks(model, data, split: str = "valid", batch_size: int = 1024, device: str | torch.device = "cpu",
+                protocol: str = "full", seed: int = 0) -> torch.Tensor:
+    """1-based rank of every user's `split` target, int32 [n_users] (full ranking or sampled-100)."""
     if protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r} ({' | '.join(EVAL_PROTOCOLS)})")
     model.eval()
@@ -193,6 +201,12 @@ def evaluate(model, data, split: str = "valid", batch_size: int = 1024, device: 
             seen = history_mask(indptr, indices, users, scores.shape[1], device)
             parts.append(sampled_ranks(scores, tgt, seen, gen).cpu())
         ranks = torch.cat(parts)
+    return ranks
+
+
+def split_metrics(ranks: torch.Tensor, data, split: str, ks=KS, cold_threshold: int = COLD_THRESHOLD) -> dict[str, float]:
+    """HR@K / NDCG@K of `ranks` (split_ranks), overall and `cold/...` on the cold targets."""
+    _, targets = data.targets(split)
     out = metrics_from_ranks(ranks, ks)
     cold = torch.as_tensor(data.train_counts[targets] < cold_threshold)
     out.update({f"cold/{k}": v for k, v in metrics_from_ranks(ranks[cold], ks).items()})

@@ -1,8 +1,12 @@
 """Item feature matrices for the recommender, aligned to the dataset's item indices.
 
-A FeatureBank holds, for items 1..n (row 0 = padding, zeros):
+A FeatureBank holds, for items 1..n (row 0 = padding, zeros), matrices in one dtype
+(train.features_dtype: float32 numpy arrays, or torch tensors in bfloat16 / float16, which take
+half the memory; the store adapter fills them layer by layer, never holding a float32 copy):
     hidden   [n + 1, L, D]  one pooled vector per LVLM layer (layer ids in `layers`)
     caption  [n + 1, Dc]    caption text vectors
+It is loaded once and shared: `select` returns views of it (a run of layers is a slice), so the
+cells of a study all read the same memory.
 Sources: a plain matrix file (.npy + sidecar ids, .npz, .parquet), the feature store (one small
 adapter, `load_store_features`, importing `storage` lazily), or synthetic topic features.
 Items without features keep a zero row and are listed in `missing`, never silently dropped.
@@ -17,18 +21,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(x: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor:
+    """`x` as a tensor in `dtype` (a train.features_dtype name); no copy when it already is one."""
+    return torch.as_tensor(x).to(DTYPES[dtype])
+
+
+def _bank_matrix(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray | torch.Tensor:
+    """float32 stays (or becomes) a numpy array, as every source gives it; half types are tensors."""
+    t = as_dtype(x, dtype)
+    return t.numpy() if dtype == "float32" else t
 
 
 @dataclass
 class FeatureBank:
-    hidden: np.ndarray | None = None
+    hidden: torch.Tensor | np.ndarray | None = None
     layers: list[int] = field(default_factory=list)
-    caption: np.ndarray | None = None
+    caption: torch.Tensor | np.ndarray | None = None
     missing: dict[str, list[str]] = field(default_factory=dict)  # "hidden"/"caption" -> raw item ids
     snapshot: dict[str, Any] = field(default_factory=dict)  # where the features came from
 
-    def select(self, source: str) -> np.ndarray:
-        """`caption` -> [n+1, 1, Dc];  `hidden:all` | `hidden:3` | `hidden:0,4,-1` -> [n+1, k, D]."""
+    def select(self, source: str) -> torch.Tensor | np.ndarray:
+        """`caption` -> [n+1, 1, Dc];  `hidden:all` | `hidden:3` | `hidden:0,4,-1` -> [n+1, k, D].
+
+        A view of the bank when the layers are a run (all, one layer, 2,3,4), else a copy."""
         if source == "caption":
             if self.caption is None:
                 raise ValueError("feature source 'caption' requested but no caption features were loaded")
@@ -36,7 +56,10 @@ class FeatureBank:
         if source.startswith("hidden:"):
             if self.hidden is None:
                 raise ValueError(f"feature source {source!r} requested but no hidden-state features were loaded")
-            return self.hidden[:, self.layer_positions(source.split(":", 1)[1])]
+            pos = self.layer_positions(source.split(":", 1)[1])
+            if pos == list(range(pos[0], pos[0] + len(pos))):
+                return self.hidden[:, pos[0]:pos[0] + len(pos)]
+            return self.hidden[:, pos]
         raise ValueError(f"unknown feature source {source!r} (caption | hidden:all | hidden:<l1,l2,...>)")
 
     def layer_positions(self, spec: str) -> list[int]:
@@ -47,6 +70,12 @@ class FeatureBank:
         if unknown or not wanted:
             raise ValueError(f"layers {unknown or spec!r} not in the features (available: {self.layers})")
         return [self.layers.index(w) for w in wanted]
+
+    def to(self, dtype: str) -> "FeatureBank":
+        """The matrices in `dtype` (a train.features_dtype name), in place; float32 stays numpy."""
+        self.hidden = None if self.hidden is None else _bank_matrix(self.hidden, dtype)
+        self.caption = None if self.caption is None else _bank_matrix(self.caption, dtype)
+        return self
 
     def describe_missing(self) -> str:
         parts = []
@@ -143,11 +172,13 @@ def load_file_features(items: list[str], hidden: str | Path | None = None,
 
 def load_store_features(store_path: str, extractor_id: str, items: list[str], layers: list[int] | None = None,
                         caption_extractor: str | None = None, as_of: Any = None,
-                        storage_options: dict[str, str] | None = None) -> FeatureBank:
+                        storage_options: dict[str, str] | None = None, dtype: str = "float32") -> FeatureBank:
     """The one adapter to the feature store (imported lazily: the recommender works without it).
 
     Every read is pinned to one set of table versions (`as_of`: a tag or None = now), recorded in
     the bank's snapshot. Captions come from `caption_extractor` (default: the same extractor).
+    The hidden states go layer by layer into one [n + 1, L, D] tensor of `dtype`: the load peaks
+    at that tensor plus one layer's float32 rows.
     """
     try:
         from storage import FeatureStore
@@ -161,23 +192,25 @@ def load_store_features(store_path: str, extractor_id: str, items: list[str], la
     if not layers:
         raise ValueError(f"store {store_path}: no hidden states for extractor {extractor_id!r}")
     ids = items[1:]
-    per_layer, missing = [], set()
-    for layer in layers:
+    hidden, missing = None, set()
+    for k, layer in enumerate(layers):
         fm = store.layer_matrix(extractor_id, layer, ids, as_of=versions, strict=False)
-        per_layer.append(fm.values)
+        if hidden is None:
+            hidden = torch.empty(len(items), len(layers), fm.values.shape[-1], dtype=DTYPES[dtype])
+            hidden[0] = 0
+        hidden[1:, k] = torch.from_numpy(fm.values)
         missing.update(fm.missing)
-    hidden = np.zeros((len(items), len(layers), per_layer[0].shape[-1]), dtype=np.float32)
-    hidden[1:] = np.stack(per_layer, axis=1)
+        del fm
     bank = FeatureBank(hidden=hidden, layers=list(layers), missing={"hidden": [i for i in ids if i in missing]},
                        snapshot={"kind": "store", "path": str(store_path), "extractor_id": extractor_id,
                                  "as_of": as_of, "versions": versions})
     cap = store.caption_matrix(caption_extractor or extractor_id, ids, as_of=versions, strict=False)
     if cap.present.any() and cap.values.shape[-1]:
-        bank.caption = np.zeros((len(items), cap.values.shape[-1]), dtype=np.float32)
-        bank.caption[1:] = cap.values
+        bank.caption = torch.zeros(len(items), cap.values.shape[-1], dtype=DTYPES[dtype])
+        bank.caption[1:] = torch.from_numpy(cap.values)
         bank.missing["caption"] = cap.missing
         bank.snapshot["caption_extractor"] = caption_extractor or extractor_id
-    return bank
+    return bank.to(dtype)  # no copy: float32 becomes a numpy view of the same memory
 
 
 def topic_features(corpus_json: str | Path, items: list[str], layer_signal=(0.1, 0.4, 1.0, 0.6, 0.2),
@@ -236,15 +269,16 @@ def parse_layers(spec: str) -> list[int] | None:
 def load_features(items: list[str], hidden: str | None = None, caption: str | None = None,
                   topics: str | None = None, store: str | None = None, extractor: str | None = None,
                   caption_extractor: str | None = None, layers: str = "all", as_of: Any = None,
-                  storage_options: dict[str, str] | None = None) -> FeatureBank:
-    """One entry point: files (hidden/caption), the store (store + extractor) or synthetic topics."""
+                  storage_options: dict[str, str] | None = None, dtype: str = "float32") -> FeatureBank:
+    """One entry point: files (hidden/caption), the store (store + extractor) or synthetic topics;
+    the bank's tensors in `dtype` (train.features_dtype)."""
     if topics:
-        return topic_features(topics, items)
+        return topic_features(topics, items).to(dtype)
     if store and extractor:
         return load_store_features(store, extractor, items, parse_layers(layers), caption_extractor, as_of,
-                                   storage_options)
+                                   storage_options, dtype)
     if hidden or caption:
-        return load_file_features(items, hidden, caption)
+        return load_file_features(items, hidden, caption).to(dtype)
     return FeatureBank(snapshot={"kind": "none"})
 
 

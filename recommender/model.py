@@ -8,6 +8,10 @@ Item representations (`features` is a frozen buffer [n_items + 1, L, D], row 0 =
     replace  e = W h_i                                   (the content vector replaces the ID)
     fuse     e_v = ReLU(W_p h_i);  g = σ(W_g[e_id; e_v] + b);  e = g⊙e_id + (1−g)⊙e_v   (L = 1)
     dff      h_i = Σ_l softmax(w)_l h_{i,l}, then as fuse   (w learned, initialised equal)
+
+The features stay in the dtype they were given (train.features_dtype: float32, bfloat16 or float16)
+and are read chunk by chunk (mix_layers, content_rows): a step over every item never holds more than
+one chunk of them in another dtype, and autograd keeps no copy of them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvrec.config import REPRESENTATIONS
+
+CHUNK_ELEMENTS = 1 << 23  # feature elements read per chunk (16 MB of bfloat16)
+
+
+def _chunks(n: int, row_elements: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    return ((s, min(s + step, n)) for s in range(0, n, step))
+
+
+class _MixLayers(torch.autograd.Function):
+    """v [n, D] float32 = Σ_l alpha_l features[rows, l], in chunks of rows; the gradient reaches alpha only.
+
+    Each chunk is multiplied in the features' own dtype (a half-precision matmul accumulates in
+    float32 and rounds its [chunk, D] result once); backward reads the features again, chunk by
+    chunk, instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, alpha, features, rows):
+        n = features.shape[0] if rows is None else len(rows)
+        out = torch.empty(n, features.shape[2], dtype=torch.float32, device=features.device)
+        a = alpha.detach().to(features.dtype)
+        for s, e in _chunks(n, features.shape[1] * features.shape[2]):
+            h = features[s:e] if rows is None else features[rows[s:e]]
+            out[s:e] = torch.matmul(a, h)
+        ctx.save_for_backward(features, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, rows = ctx.saved_tensors
+        grad_alpha = torch.zeros(features.shape[1], dtype=torch.float32, device=features.device)
+        for s, e in _chunks(len(grad), features.shape[1] * features.shape[2]):
+            h = features[s:e] if rows is None else features[rows[s:e]]
+            grad_alpha += torch.bmm(h, grad[s:e, :, None].to(h.dtype)).float().sum((0, 2))
+        return grad_alpha, None, None
+
+
+def mix_layers(features: torch.Tensor, alpha: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_l alpha_l features[ids, l] as float32 [..., D] (ids None: every row, [n, D]) without a float32
+    copy of the features: each distinct id is mixed once, chunk by chunk."""
+    with torch.autocast(features.device.type, enabled=False):
+        if ids is None:
+            return _MixLayers.apply(alpha.float(), features, None)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        every = len(uniq) == len(features)  # sorted and distinct: every row, read as slices
+        return _MixLayers.apply(alpha.float(), features, None if every else uniq)[inverse]
+
+
+def content_rows(features: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The one feature layer of `ids` (None: every row) as float32 [..., D]."""
+    h = features[:, 0] if ids is None else features[ids, 0]
+    return h.float()
 
 
 class ItemEmbedding(nn.Module):
@@ -35,7 +91,8 @@ class ItemEmbedding(nn.Module):
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'id' else 'needs'} features")
         self.mode, self.n_items, self.id_dropout = mode, n_items, id_dropout
         if features is not None:
-            features = features.float()
+            if not features.is_floating_point():
+                raise ValueError(f"features must be floating point, got {features.dtype}")
             if features.dim() == 2:
                 features = features[:, None, :]
             if features.shape[0] != n_items + 1:
@@ -61,11 +118,11 @@ class ItemEmbedding(nn.Module):
     def layer_weights(self) -> torch.Tensor | None:
         return F.softmax(self.layer_logits, dim=0) if self.mode == "dff" else None
 
-    def content(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.features[ids]  # [..., L, D]
+    def content(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Content vectors [..., D] in float32 of `ids` (None: every row)."""
         if self.mode == "dff":
-            return torch.einsum("...ld,l->...d", h, self.layer_weights())
-        return h[..., 0, :]
+            return mix_layers(self.features, self.layer_weights(), ids)
+        return content_rows(self.features, ids)
 
     def id_kept(self, ids: torch.Tensor) -> torch.Tensor | None:
         """[..., 1] 1.0 where an occurrence uses its own ID row, 0.0 where it takes the fallback;

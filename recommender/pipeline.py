@@ -35,7 +35,7 @@ def load_inputs(interactions: str | Path, train_cfg: TrainConfig, spec: FeatureS
     bank = load_features(data.items, hidden=spec.features, caption=spec.caption_features, topics=spec.topics,
                          store=store.path if spec.extractor else None, extractor=spec.extractor,
                          caption_extractor=spec.caption_extractor, layers=layers, as_of=spec.as_of,
-                         storage_options=store.storage_options)
+                         storage_options=store.storage_options, dtype=train_cfg.features_dtype)
     return data, bank
 
 

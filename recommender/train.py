@@ -5,6 +5,8 @@ A run directory holds:
     metrics.csv     one row per epoch (train loss, validation metrics, seconds)
     best.pt         the best checkpoint (encoder weights + the item table, enough to recommend)
     result.json     best epoch, validation and test metrics, DFF layer weights
+    test_ranks.npz  the best checkpoint's rank of every user's test target (`ranks`) and which targets
+                    are cold (`cold`): the study's bootstrap reads them
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 
 from mvrec.config import TrainConfig
 from recommender.data import SeqData
-from recommender.evaluate import evaluate, history_mask
+from recommender.evaluate import COLD_THRESHOLD, evaluate, history_mask, split_metrics, split_ranks
+from recommender.features import as_dtype
 from recommender.losses import next_item_loss, resolve_loss
 from recommender.model import ItemEmbedding, SASRec
 
@@ -59,9 +62,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | None = None,
+def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | torch.Tensor | None = None,
                 train_counts: np.ndarray | None = None) -> SASRec:
-    feats = None if cfg.representation == "id" else torch.as_tensor(features)
+    """The model; `features` stay in memory in cfg.features_dtype (no copy when they already are)."""
+    feats = None if cfg.representation == "id" else as_dtype(features, cfg.features_dtype)
     id_mask = None  # the cold-item rule (off by default; the study turns it on for every cell)
     if cfg.id_min_count > 0 and cfg.representation != "replace" and train_counts is not None:
         id_mask = torch.as_tensor(train_counts >= cfg.id_min_count)  # rarer items: content / shared row
@@ -136,12 +140,13 @@ def _progress(enabled: bool):
 
 def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, run_dir: str | Path | None = None,
           meta: dict[str, Any] | None = None, progress: bool = True, log=_stderr,
-          on_epoch: Callable[[int, SASRec], bool] | None = None) -> RunResult:
+          on_epoch: Callable[[int, SASRec], bool] | None = None, max_batches: int | None = None) -> RunResult:
     """Train `cfg.representation` on `data`; `features` [n_items + 1, L, D] (or [n+1, D]) unless `id`.
 
     One line per epoch goes to `log` (stderr by default; a flow's logger in flows); with `progress`
     on a terminal a Rich bar shows the batches as well. `on_epoch(epoch, model)` runs after each
-    epoch's validation (bench/games.py measures test accuracy there); True stops training."""
+    epoch's validation (bench/games.py measures test accuracy there); True stops training.
+    `max_batches` ends each epoch after that many batches (benchmarks time a fixed number of steps)."""
     started = time.perf_counter()
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -176,7 +181,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
     sched = lr_scheduler(opt, cfg.lr_schedule, cfg.max_epochs * n_batches)
 
     best, best_epoch, wait, epoch = -1.0, 0, 0, 0
-    fields = ["epoch", "train_loss", "seconds", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
+    fields = ["epoch", "train_loss", "seconds", "train_seconds", "steps", "valid_HR@10", "valid_NDCG@10", "valid_HR@20", "valid_NDCG@20"]
     show_bar = progress and sys.stderr.isatty()
     with open(run_dir / "metrics.csv", "w", newline="") as fh, _progress(show_bar) as bar:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -186,7 +191,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
             t0 = time.perf_counter()
             model.train()
             losses = []
-            for batch in length_batches(lengths, train_users, cfg.batch_size, gen):
+            for batch in length_batches(lengths, train_users, cfg.batch_size, gen)[:max_batches]:
                 width = int(lengths[batch].max())  # left-padded: columns before T - width are all padding
                 seq = torch.as_tensor(data.train_inputs[batch, T - width:], device=device)
                 tgt = torch.as_tensor(data.train_targets[batch, T - width:], device=device)
@@ -203,7 +208,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
             train_s = time.perf_counter() - t0
             valid = evaluate(model, eval_data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
-                   **{f"valid_{k}": v for k, v in valid.items()}}
+                   "train_seconds": train_s, "steps": len(losses), **{f"valid_{k}": v for k, v in valid.items()}}
             writer.writerow(row)
             fh.flush()
             improved = valid["HR@10"] > best
@@ -221,7 +226,10 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
 
     model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
-    test = evaluate(model, data, "test", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+    test_ranks = split_ranks(model, data, "test", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+    _, test_targets = data.targets("test")
+    np.savez(run_dir / "test_ranks.npz", ranks=test_ranks.numpy(), cold=data.train_counts[test_targets] < COLD_THRESHOLD)
+    test = split_metrics(test_ranks, data, "test")
     weights = model.items.layer_weights()
     result = RunResult(run_dir, best_epoch, epoch, valid, test,
                        None if weights is None else weights.detach().cpu().tolist(), time.perf_counter() - started)
