@@ -7,6 +7,10 @@ Grid (each cell trained with `seeds` seeds):
     replace x {caption, hidden at the best layer}   best = highest mean validation HR@10 of `fuse`
 Outputs in the study directory: results.csv (one row per run), results.md (mean ± std per cell),
 hr10_by_layer.png, dff_layer_weights.png, summary.json, and runs/<cell>/seed<k>/ run directories.
+
+The verdict "does hidden-state fusion beat ID-only" compares per-target hits: a paired bootstrap
+over the test targets (and over each side's seeds), seeded, from every run's test_ranks.npz.
+A comparison on fewer than MIN_TARGETS targets gets no verdict ("too few ... to judge").
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +30,8 @@ from recommender.features import FeatureBank
 from recommender.train import resolve_features, train
 
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+MIN_TARGETS = 50  # a verdict needs at least this many test targets (cold ones, for the cold comparison)
+RESAMPLES = 2000  # bootstrap resamples of each comparison
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,54 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _compare(agg: list[dict[str, Any]]) -> dict[str, Any]:
+def target_hits(rows: list[dict[str, Any]], cell: str, cold: bool, k: int = 10) -> np.ndarray:
+    """[seeds, targets] 1.0 where a run of `cell` ranked the test target within k (cold targets only
+    with `cold`), from each run's test_ranks.npz; every run of one study has the same targets."""
+    hits = []
+    for r in rows:
+        if r["cell"] == cell:
+            saved = np.load(Path(r["run_dir"]) / "test_ranks.npz")
+            ranks = saved["ranks"][saved["cold"]] if cold else saved["ranks"]
+            hits.append((ranks <= k).astype(np.float64))
+    return np.stack(hits)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of mean(a) - mean(b), for a [seeds_a, n] and b [seeds_b, n] measured on
+    the same n targets: each resample draws the targets with replacement, the same for both sides
+    (paired), and each side's seeds with replacement."""
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    out = np.empty(resamples)
+    for i in range(resamples):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n) / n
+        per_seed_a, per_seed_b = a @ weights, b @ weights
+        out[i] = (per_seed_a[rng.integers(0, len(a), len(a))].mean()
+                  - per_seed_b[rng.integers(0, len(b), len(b))].mean())
+    return out
+
+
+def judge(a: np.ndarray, b: np.ndarray, what: str, min_targets: int = MIN_TARGETS,
+          resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Does a beat b on per-target hits ([seeds, n] each)? "beats" when the bootstrap's 95% interval
+    of the difference lies above zero, "is worse than" when below; no verdict under min_targets."""
+    n = a.shape[1]
+    if n < min_targets:
+        verdict = f"too few {what} to judge ({n} < {min_targets})"
+    if n == 0:
+        nan = float("nan")
+        return {"fusion": nan, "id": nan, "diff": nan, "se": nan, "ci95": [nan, nan], "n_targets": 0,
+                "seeds": [len(a), len(b)], "verdict": verdict, "beats_id": False}
+    boot = paired_bootstrap(a, b, resamples, seed)
+    low, high = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    if n >= min_targets:
+        verdict = "beats" if low > 0 else "is worse than" if high < 0 else "does not beat"
+    return {"fusion": float(a.mean()), "id": float(b.mean()), "diff": float(a.mean() - b.mean()),
+            "se": float(boot.std(ddof=1)), "ci95": [low, high], "n_targets": n, "seeds": [len(a), len(b)],
+            "verdict": verdict, "beats_id": verdict == "beats"}
+
+
+def _compare(agg: list[dict[str, Any]], rows: list[dict[str, Any]], min_targets: int = MIN_TARGETS) -> dict[str, Any]:
     """Does hidden-state fusion (best of dff / fuse-at-best-layer by validation) beat ID-only?"""
     by = {a["cell"]: a for a in agg}
     ident = by.get("id")
@@ -133,12 +185,9 @@ def _compare(agg: list[dict[str, Any]]) -> dict[str, Any]:
     for label, a in (("best_hidden_fusion", best), ("dff", dff)):
         if a is None:
             continue
-        for part in ("test_HR@10", "test_cold_HR@10"):
-            diff = a[part] - ident[part]
-            # "beats" only if the gap exceeds the pooled seed noise (one standard error of the difference).
-            se = math.sqrt((a[part + "_std"] ** 2 + ident[part + "_std"] ** 2) / max(1, a["seeds"]))
-            out[f"{label}_vs_id_{part}"] = {"fusion": a[part], "id": ident[part], "diff": diff, "se": se,
-                                            "beats_id": bool(diff > se)}
+        for part, cold in (("test_HR@10", False), ("test_cold_HR@10", True)):
+            out[f"{label}_vs_id_{part}"] = judge(target_hits(rows, a["cell"], cold), target_hits(rows, "id", cold),
+                                                 "cold targets" if cold else "test targets", min_targets)
     return out
 
 
@@ -150,7 +199,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, bank: FeatureBank | None
         writer.writeheader()
         writer.writerows(rows)
     agg = aggregate(rows)
-    comparison = _compare(agg)
+    comparison = _compare(agg, rows)
     (out / "results.md").write_text(markdown_table(agg, comparison, bank))
     plots = {"hr10_by_layer": plot_layers(agg, out / "hr10_by_layer.png"),
              "dff_layer_weights": plot_dff_weights(rows, out / "dff_layer_weights.png")}
@@ -174,12 +223,14 @@ def markdown_table(agg: list[dict[str, Any]], comparison: dict[str, Any], bank: 
     text += "Mean ± sample std over seeds; test = leave-one-out last item, full ranking, history masked.\n\n"
     text += "\n".join(lines) + "\n"
     if comparison:
-        text += "\n## Hidden-state fusion vs ID-only\n\n"
+        text += ("\n## Hidden-state fusion vs ID-only\n\nHR@10, mean over seeds; the 95% interval and se come "
+                 f"from a paired bootstrap over the test targets and the seeds ({RESAMPLES} resamples, seeded).\n\n")
         for key, v in comparison.items():
             if isinstance(v, dict):
-                verdict = "beats" if v["beats_id"] else "does not beat"
+                verdict = v["verdict"] if v["verdict"].startswith("too few") else f"{v['verdict']} ID-only"
                 text += (f"- {key.replace('_vs_id_', ' vs id, ').replace('test_', '')}: {v['fusion']:.4f} vs "
-                         f"{v['id']:.4f} (diff {v['diff']:+.4f}, se {v['se']:.4f}) -> {verdict} ID-only\n")
+                         f"{v['id']:.4f} (diff {v['diff']:+.4f}, 95% CI [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}], "
+                         f"se {v['se']:.4f}; {v['n_targets']} targets, {v['seeds'][0]} seeds) -> {verdict}\n")
         text += f"- best hidden fusion by validation: {comparison['best_hidden_fusion']}\n"
     return text
 
@@ -253,13 +304,14 @@ def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainC
 def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,
               out_dir: str | Path | None = None, progress: bool = False, log: Callable[[str], None] = print,
               run: Callable[..., list[dict[str, Any]]] = run_cell,
-              report: Callable[..., dict[str, Any]] = write_report) -> dict[str, Any]:
-    """The whole grid. `run` and `report` default to the plain functions; the flow passes them as tasks."""
+              report: Callable[..., dict[str, Any]] = write_report, cells: list[Cell] | None = None) -> dict[str, Any]:
+    """The whole grid (or `cells`), every cell on the one loaded `bank`. `run` and `report` default to
+    the plain functions; the flow passes them as tasks."""
     out = Path(out_dir or study_cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_cfg = study_train_config(train_cfg, study_cfg)
     rows: list[dict[str, Any]] = []
-    for cell in build_grid(bank, study_cfg.layers, study_cfg.representations):
+    for cell in cells or build_grid(bank, study_cfg.layers, study_cfg.representations):
         rows += run(data, bank, cell, train_cfg, study_cfg.seeds, out, progress, log)
     if "replace" in study_cfg.representations and (layer := best_layer(rows)) is not None:
         rows += run(data, bank, Cell("replace", f"hidden:{layer}"), train_cfg, study_cfg.seeds, out, progress, log)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mvrec.config import StudyConfig, TrainConfig
+from recommender.evaluate import metrics_from_ranks
 from recommender.features import FeatureBank
 from recommender.pipeline import FeatureSpec
 from recommender.study import Cell, aggregate, best_layer, build_grid
@@ -72,3 +73,66 @@ def test_small_study_end_to_end_through_the_flow(tmp_path, prefect_harness):
     # the caption run recorded the items that had no caption vector
     cfg = json.loads((out / "runs" / "fuse_caption" / "seed0" / "config.json").read_text())
     assert sorted(cfg["features"]["missing_items"]) == sorted(ids[-3:])
+
+
+def _runs(tmp_path, cell_ranks: dict[str, list[np.ndarray]], cold: np.ndarray) -> list[dict]:
+    """Result rows of fake runs whose run directories hold the test ranks, as train() writes them."""
+    rows = []
+    for cell, per_seed in cell_ranks.items():
+        rep, _, source = cell.partition(" ")
+        for seed, ranks in enumerate(per_seed):
+            run_dir = tmp_path / cell.replace(" ", "_").replace(":", "-") / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            np.savez(run_dir / "test_ranks.npz", ranks=ranks, cold=cold)
+            metrics = {f"{split}_{m}": float(v) for split, rs in (("valid", ranks), ("test", ranks),
+                                                                  ("test_cold", ranks[cold]))
+                       for m, v in metrics_from_ranks(rs).items()}
+            rows.append({"cell": cell, "representation": rep, "source": source, "layer": None, "seed": seed,
+                         **metrics, "run_dir": str(run_dir)})
+    return rows
+
+
+def test_verdict_needs_enough_cold_targets(tmp_path):
+    """The demo's case: 4 cold targets, fusion hits one, id none, the same in every seed. The seeds
+    agree (std 0), which is no evidence: too few targets to judge, whatever the difference."""
+    from recommender.study import write_report
+
+    cold = np.zeros(2000, bool)
+    cold[:4] = True
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 40, 2000)
+    fusion, ident = base.copy(), base.copy()
+    fusion[:4], ident[:4] = [1, 50, 50, 50], [50, 50, 50, 50]
+    rows = _runs(tmp_path, {"id": [ident] * 3, "fuse hidden:0": [fusion] * 3}, cold)
+    summary = write_report(rows, tmp_path)
+    verdict = summary["comparison"]["best_hidden_fusion_vs_id_test_cold_HR@10"]
+    assert verdict["diff"] == pytest.approx(0.25) and verdict["n_targets"] == 4
+    assert verdict["verdict"] == "too few cold targets to judge (4 < 50)" and not verdict["beats_id"]
+    md = (tmp_path / "results.md").read_text()
+    assert "cold_HR@10: 0.2500 vs 0.0000" in md and "-> too few cold targets to judge (4 < 50)" in md
+    assert "-> beats ID-only" not in md
+    overall = summary["comparison"]["best_hidden_fusion_vs_id_test_HR@10"]  # 2,000 targets: judged
+    assert overall["n_targets"] == 2000 and overall["verdict"] == "does not beat"
+
+
+def test_paired_bootstrap_verdicts():
+    from recommender.study import judge, paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    ident = (rng.random((3, 400)) < 0.3).astype(float)
+    better = ident.copy()
+    better[:, rng.choice(400, 40, replace=False)] = 1.0  # the same targets, plus up to 40 more hits
+    v = judge(better, ident, "cold targets")
+    assert v["verdict"] == "beats" and v["ci95"][0] > 0 and v["diff"] == pytest.approx(better.mean() - ident.mean())
+    assert judge(ident, better, "cold targets")["verdict"] == "is worse than"
+    # same hit rate, other targets: no verdict either way
+    other = (rng.random((3, 400)) < 0.3).astype(float)
+    assert judge(other, ident, "cold targets")["verdict"] == "does not beat"
+    # paired: extra hits on the same targets have a far smaller error than two independent draws
+    paired, unpaired = judge(better[:1], ident[:1], "cold targets"), judge(other[:1], ident[:1], "cold targets")
+    assert paired["se"] < 0.5 * unpaired["se"]
+    # the seeds' spread counts too: the same targets with three different seeds widen the interval
+    assert v["se"] > paired["se"]
+    # seeded: the same draw again, another with another seed
+    assert (paired_bootstrap(better, ident, 200) == paired_bootstrap(better, ident, 200)).all()
+    assert not (paired_bootstrap(better, ident, 200) == paired_bootstrap(better, ident, 200, seed=1)).all()
