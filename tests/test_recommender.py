@@ -162,6 +162,20 @@ def test_cli_train_and_recommend(tmp_path):
     assert r.stderr.strip().startswith("error: unknown user 'nobody'") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_recommend_defaults_to_the_newest_run(tmp_path):
+    import os
+
+    from recommender.recommend import latest_run
+
+    with pytest.raises(FileNotFoundError, match="no trained run"):
+        latest_run(tmp_path)
+    for name, written in (("old", 1_000), ("new", 2_000), ("older", 500)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"")
+        os.utime(tmp_path / name / "best.pt", (written, written))
+    assert latest_run(tmp_path) == tmp_path / "new"
+
+
 def test_store_adapter_reads_layers_captions_and_records_the_snapshot(tmp_path):
     from storage import CaptionRow, ExtractionBatch, ExtractorRecord, FeatureStore, HiddenStateRow
     from recommender.features import load_features, store_captions

@@ -207,3 +207,16 @@ def test_cli_status_and_diff(tmp_path, corpus, capsys, monkeypatch):
         assert code == 2 and len(err.strip().splitlines()) == 1 and names in err, (argv, err)
     code, out, err = _cli(["status"], capsys, monkeypatch, tmp_path / "no-store")
     assert code == 2 and "no feature store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_store_info_prints_each_tables_version_rows_and_files(tmp_path, corpus, monkeypatch, capsys):
+    from mvrec.cli import main
+
+    store = FeatureStore(tmp_path / "store")
+    _write(store, _ext(store), corpus)
+    monkeypatch.setenv("MVREC_STORE__PATH", str(tmp_path / "store"))
+    main(["store", "info"])
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in capsys.readouterr().out.splitlines() if line.count("│") == 5}
+    assert rows["hidden_states"][1] == str(len(corpus) * len(LAYERS)) and rows["videos"][1] == str(len(corpus))
+    assert rows["snapshots"] == ["0", "0", "0"]

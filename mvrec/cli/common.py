@@ -37,7 +37,7 @@ def _root(
 
 
 def get_config(**overrides: Any) -> Config:
-    """The effective config: defaults < file < env < these flag overrides ({"section.key": value}),
+    """The effective config: defaults < preset < file < env < these flag overrides ({"section.key": value}),
     checked as a whole; an error names the flag when a flag set the value."""
     return load_config(_state["config_path"], overrides=overrides, override_sources=_flag_names(overrides))
 

@@ -17,7 +17,7 @@ app.add_typer(config_app, name="config")
 def config_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
 ) -> None:
-    """Print the effective config (defaults < mvrec.toml < MVREC_* env)."""
+    """Print the effective config (defaults < preset < mvrec.toml < MVREC_* env)."""
     cfg = get_config().to_dict()
     if as_json:
         console.print_json(json.dumps(cfg))

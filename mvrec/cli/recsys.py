@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -145,48 +143,14 @@ def recommend(
 ) -> None:
     """Top-k unseen videos for a user from a trained checkpoint, with titles and captions."""
     cfg = get_config()
-    from recommender.train import load_for_recommend, recommend as recommend_items
+    from recommender.recommend import latest_run, top_items
 
-    if run is None:
-        runs = sorted(Path(cfg.train.out).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise FileNotFoundError(f"no trained run under {cfg.train.out}; run `mvrec train` or pass --run")
-        run = runs[-1].parent
-    model, ckpt = load_for_recommend(run)
-    recs = recommend_items(model, ckpt, user, k)
-    run_dir = run if Path(run).is_dir() else Path(run).parent
-    titles = _titles(items_csv, run_dir)
-    captions = _captions(cfg, run_dir, [item for item, _ in recs])
-    table = Table(title=f"top {len(recs)} for user {user} ({run_dir})")
+    result = top_items(run or latest_run(cfg.train.out), user, k, cfg.store, items_csv)
+    table = Table(title=f"top {len(result['items'])} for user {user} ({result['run_dir']})")
     for col in ("#", "item", "score", "title", "caption"):
         table.add_column(col)
-    for rank, (item, score) in enumerate(recs, start=1):
-        table.add_row(str(rank), item, f"{score:.3f}", titles.get(item, ""), captions.get(item, ""))
+    for rank, (item, score, title, caption) in enumerate(result["items"], start=1):
+        table.add_row(str(rank), item, f"{score:.3f}", title, caption)
     console.print(table)
-    if not titles:
+    if not result["has_titles"]:
         err_console.print("note: no items.csv found; pass --items for titles")
-
-
-def _titles(items_csv: Optional[Path], run_dir: Path) -> dict[str, str]:
-    if items_csv is None:
-        source = json.loads((run_dir / "config.json").read_text()).get("data", {}).get("source", "")
-        guess = Path(source).parent / "items.csv" if source else None
-        if guess is None or not guess.is_file():
-            return {}
-        items_csv = guess
-    if not items_csv.is_file():
-        raise FileNotFoundError(f"items file not found: {items_csv}")
-    with items_csv.open(encoding="utf-8") as fh:
-        return {row["item_id"]: row.get("title", "") for row in csv.DictReader(fh)}
-
-
-def _captions(cfg, run_dir: Path, items: list[str]) -> dict[str, str]:
-    """Captions from the store, when the run's features came from it and the store can serve them."""
-    from recommender.features import store_captions
-
-    snapshot = json.loads((run_dir / "config.json").read_text()).get("features") or {}
-    snapshot = snapshot.get("snapshot", {})
-    if snapshot.get("kind") != "store":
-        return {}
-    return store_captions(snapshot.get("path", cfg.store.path), items, snapshot.get("caption_extractor")
-                          or snapshot.get("extractor_id"), cfg.store.storage_options)

@@ -159,11 +159,10 @@ def tag_cmd(
 @store_app.command("info")
 def info_cmd() -> None:
     """Where the store is, each table's version, row count and files."""
+    from storage.status import store_size
+
     store = _open()
     t = Table("table", "version", "rows", "files", show_header=True, title=store.root, title_justify="left")
-    for name in store.snapshot() | {"snapshots": 0}:
-        dt = store.table(name)
-        adds = dt.get_add_actions(flatten=True)
-        rows = sum(x or 0 for x in adds.column("num_records").to_pylist()) if adds.num_rows else 0
-        t.add_row(name, str(dt.version()), str(rows), str(adds.num_rows))
+    for name, size in store_size(store)["tables"].items():
+        t.add_row(name, str(size["version"]), str(size["rows"]), str(size["files"]))
     console.print(t)
