@@ -33,6 +33,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
+from mvrec.config import ENGINES
 from tasks.discover import VideoRef
 from tasks.extract import Batch, DecodeOptions, Extracted, decode_one, run_model
 from tasks.lvlm import ExtractSpec, Failure, LVLMBackend, ModelInfo, VideoFeatures, VideoMeta, load_backend, \
@@ -361,7 +362,7 @@ def make_engine(name: str, plane: PlaneSpec, ray_address: str = "", backends: Se
         return ThreadEngine(plane, backends)
     if name == "ray":
         return RayEngine(plane, ray_address)
-    raise ValueError(f"extract.engine: {name!r} is not threads or ray")
+    raise ValueError(f"extract.engine: {name!r} is not one of {', '.join(ENGINES)}")
 
 
 def run_plane(refs: Sequence[VideoRef], plane: PlaneSpec, engine: str = "threads", ray_address: str = "",

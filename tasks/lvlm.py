@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from mvrec.config import POOLINGS
+from mvrec.config import BACKENDS, POOLINGS
 
 FINAL_LAYER = -1
 TEST_MODEL_FLAG = "mvrec_test_model"  # set in config.json by mvrec.devtools.test_model
@@ -251,7 +251,7 @@ def load_backend(name: str, spec: ExtractSpec) -> LVLMBackend:
         from tasks.lvlm_standin import StandinBackend
 
         return StandinBackend(spec)
-    raise ValueError(f"backend: unknown LVLM backend {name!r} (choose transformers or vllm)")
+    raise ValueError(f"backend: unknown LVLM backend {name!r} (choose {', '.join(BACKENDS)})")
 
 
 def load_preprocessor(name: str, spec: ExtractSpec) -> Any:
