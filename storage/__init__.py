@@ -30,13 +30,14 @@ from storage.records import (
     extractor_id,
 )
 from storage.delta import StoreNotWritableError
+from storage.lease import RunLeaseHeld
 from storage.store import FeatureStore, open_store
 from storage.query import QueryError, ReadOnlyConnection, ReadOnlyError, check_read_only, connect, top_k_similar
 
 __all__ = [
     "ALL_TABLES", "DATA_TABLES", "EXTRACT_FILE", "SCHEMA_VERSION", "TableSpec", "FINAL_LAYER", "AsOf",
     "CaptionRow", "ExtractionBatch", "ExtractorRecord", "FailureRow", "FeatureMatrix",
-    "FeatureStore", "HiddenStateRow", "MissingItemsError", "StoreNotWritableError", "VideoRow",
+    "FeatureStore", "HiddenStateRow", "MissingItemsError", "RunLeaseHeld", "StoreNotWritableError", "VideoRow",
     "extractor_id", "open_store", "QueryError", "ReadOnlyConnection", "ReadOnlyError", "check_read_only", "connect",
     "top_k_similar",
 ]

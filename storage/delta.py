@@ -226,6 +226,11 @@ class DeltaTables:
             raise StoreNotWritableError(f"store not writable: {log}: {e.strerror}") from None
         self._writable.add(name)
 
+    def check_all_writable(self) -> None:
+        """check_writable for every table: what a command that writes calls before any work."""
+        for name in ALL_TABLES:
+            self.check_writable(name)
+
     def retry(self, op: Callable[[], Any], table: str) -> Any:
         """Run a read-then-commit `op`; on a conflict with a concurrent writer, run it again
         from a fresh read (op reloads the table itself)."""

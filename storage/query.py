@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from storage.schema import ALL_TABLES, PIN_ORDER
 from storage.arrow import conform, vector_rows
 from storage.records import AsOf
+from storage.runs import owner_fields, process_gone
 from storage.sql_guard import QueryError, ReadOnlyError, check_reach, check_read_only, first_line, one_line_errors
 from storage.store import FeatureStore
 
@@ -102,6 +103,34 @@ class Batches:
         self._reader.close()
 
 
+_TEMP_PREFIX = "mvrec-duckdb-"
+_TEMP_NAME = re.compile(rf"^{_TEMP_PREFIX}(\d+)-(\d+)-")
+
+
+def remove_orphaned_temp_dirs(parent: str | None = None) -> list[str]:
+    """Remove the spill directories of connections whose process is gone (a SIGKILLed query
+    leaves its directory behind). Only directories of this user named by this module are touched;
+    those of a live process are kept. Returns the ones removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        path = os.path.join(parent, name)
+        try:
+            if not m or os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+        except OSError:
+            continue
+        if process_gone(int(m.group(1)), int(m.group(2)) / 100):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _sql_str(v: str) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
@@ -121,8 +150,11 @@ class ReadOnlyConnection:
         self._topk: OrderedDict[tuple[str, int], tuple[str, int, int]] = OrderedDict()
         self._topk_seq = 0
         # A private, empty spill directory (DuckDB's default is <cwd>/.tmp, and whatever directory
-        # it spills to can be read by queries): made here 0700, removed on close.
-        self.temp_dir = tempfile.mkdtemp(prefix="mvrec-duckdb-")
+        # it spills to can be read by queries): made here 0700, removed on close. Its name carries
+        # this process (pid, start time), so a later connection removes it if this one is killed.
+        remove_orphaned_temp_dirs()
+        owner = owner_fields()
+        self.temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{owner['pid']}-{int(owner['pid_started'] * 100)}-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.temp_dir, True)
         self._con = duckdb.connect(":memory:", config={"temp_directory": self.temp_dir})
         if isinstance(as_of, int):

@@ -17,8 +17,12 @@ import psutil
 
 def process_owner() -> str:
     """This process as a runs.owner value (JSON)."""
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                       "pid_started": round(psutil.Process().create_time(), 2)}, sort_keys=True)
+    return json.dumps(owner_fields(), sort_keys=True)
+
+
+def owner_fields() -> dict:
+    """{"host", "pid", "pid_started"} of this process."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": round(psutil.Process().create_time(), 2)}
 
 
 def owner_gone(owner: str | None) -> bool:
@@ -29,9 +33,15 @@ def owner_gone(owner: str | None) -> bool:
     o = json.loads(owner)
     if o.get("host") != socket.gethostname():
         return False
+    return process_gone(int(o["pid"]), o["pid_started"])
+
+
+def process_gone(pid: int, started: float) -> bool:
+    """True when process `pid` of this host, started at `started` (psutil create_time, 2 decimals),
+    no longer runs: no such pid, a zombie, or the pid now belongs to a newer process."""
     try:
-        p = psutil.Process(int(o["pid"]))
-        return p.status() == psutil.STATUS_ZOMBIE or round(p.create_time(), 2) != o["pid_started"]
+        p = psutil.Process(pid)
+        return p.status() == psutil.STATUS_ZOMBIE or round(p.create_time(), 2) != round(started, 2)
     except psutil.NoSuchProcess:
         return True
 

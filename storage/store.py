@@ -28,7 +28,9 @@ import pyarrow.compute as pc
 from storage.arrow import conform, key_strings, to_arrow, vector_rows, video_extractor_pairs
 from storage.delta import DeltaTables
 from storage.records import AsOf, ExtractionBatch, ExtractorRecord, FeatureMatrix, MissingItemsError
-from storage.runs import describe, owner_gone, process_owner
+from storage.lease import holder as lease_holder
+from storage.lease import run_lease
+from storage.runs import describe, owner_fields, owner_gone, process_owner
 from storage.schema import ALL_TABLES, DATA_TABLES, PIN_ORDER
 
 
@@ -58,6 +60,9 @@ class FeatureStore(DeltaTables):
     def __init__(self, path: str | os.PathLike[str], storage_options: Mapping[str, str] | None = None,
                  create: bool = True):
         super().__init__(path, storage_options)
+        if self.is_local and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NotADirectoryError(f"store.path: {self.root} is a file, not a feature store directory "
+                                     "(point [store] path / MVREC_STORE__PATH at a directory)")
         if create:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
@@ -236,6 +241,25 @@ class FeatureStore(DeltaTables):
         if rows:
             self.upsert(ALL_TABLES["runs"], rows)
         return [r["run_id"] for r in rows]
+
+    def lease_path(self, extractor_id: str) -> str:
+        return os.path.join(self.root, "_leases", f"extract-{extractor_id}.lease")
+
+    @contextmanager
+    def run_lease(self, extractor_id: str) -> Iterator[dict[str, Any]]:
+        """Hold this store's run lease for `extractor_id` for the body (storage/lease.py), or raise
+        RunLeaseHeld at once, naming the run that holds it. Yields the owner recorded in the lease
+        ({host, pid, pid_started, started}). The lease expires when its process dies. An object
+        store has no lease: it yields {..., "locked": False} and does not exclude anything."""
+        if not self.is_local:
+            yield {**owner_fields(), "locked": False}
+            return
+        with run_lease(self.lease_path(extractor_id), f"extractor {extractor_id} into {self.root}") as owner:
+            yield owner
+
+    def lease_holder(self, extractor_id: str) -> dict[str, Any] | None:
+        """Who holds the run lease of `extractor_id` ({host, pid, pid_started, started}), or None."""
+        return lease_holder(self.lease_path(extractor_id)) if self.is_local else None
 
     @contextmanager
     def failing_run(self, run_id: str) -> Iterator[None]:
@@ -449,8 +473,7 @@ class FeatureStore(DeltaTables):
             for t, v in snap["versions"].items():
                 kept.setdefault(t, set()).add(int(v))
         if not dry_run:
-            for name in ALL_TABLES:  # refuse before any table changed
-                self.check_writable(name)
+            self.check_all_writable()  # refuse before any table changed
         return {name: self.optimize_and_vacuum(name, retention_hours, dry_run, sorted(kept.get(name, ())))
                 for name in ALL_TABLES}
 

@@ -7,6 +7,7 @@ parent is SIGKILLed. `no_orphans` fails a test if any process it started survive
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -137,3 +138,88 @@ def test_crash_torture_slice(tmp_path, no_orphans):
         got = torture.trial(tmp_path, videos, 5, point, nth, 0.0, api_url=None)
         assert got["killed"] and got["problems"] == [] and got["orphans"] == 0, (point, got)
         assert got["abandoned"] == 1
+
+
+# --- issue 23: run leases, killed queries' temp directories ------------------------------------
+
+LEASE_HOLDER = textwrap.dedent("""
+    import sys
+    from storage import FeatureStore
+    with FeatureStore(sys.argv[1]).run_lease(sys.argv[2]) as owner:
+        print("held", owner["pid"], flush=True)
+        sys.stdin.readline()  # hold until told, or until killed
+""")
+
+
+def test_a_second_run_of_the_same_extractor_is_refused_naming_the_owner(tmp_path):
+    from storage import RunLeaseHeld
+
+    store = FeatureStore(str(tmp_path / "store"))
+    with store.run_lease("e1") as owner:
+        assert store.lease_holder("e1") == owner and owner["pid"] == os.getpid()
+        with pytest.raises(RunLeaseHeld, match=rf"another run is extracting extractor e1 into .*: process "
+                                               rf"{os.getpid()} on .*, started .* UTC; this run did not start"):
+            with FeatureStore(str(tmp_path / "store")).run_lease("e1"):
+                pass
+        with store.run_lease("e2"):  # another extractor: its own lease
+            assert store.lease_holder("e2")["pid"] == os.getpid()
+    assert store.lease_holder("e1") is None
+    with store.run_lease("e1"):  # free again
+        pass
+
+
+def test_a_lease_expires_when_its_owner_is_killed(tmp_path, no_orphans):
+    from processes import tagged_env
+
+    from storage import RunLeaseHeld
+
+    store = FeatureStore(str(tmp_path / "store"))
+    child = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, store.root, "e1"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=tagged_env(no_orphans))
+    try:
+        assert child.stdout.readline().split() == ["held", str(child.pid)]
+        assert store.lease_holder("e1")["pid"] == child.pid
+        with pytest.raises(RunLeaseHeld, match=f"process {child.pid} on "):
+            with store.run_lease("e1"):
+                pass
+    finally:
+        child.kill()  # SIGKILL: no finally, no atexit in the owner
+        child.wait()
+    assert store.lease_holder("e1") is None  # the kernel released it with its owner
+    with store.run_lease("e1") as owner:
+        assert owner["pid"] == os.getpid()
+
+
+KILLED_QUERY = textwrap.dedent("""
+    import os, signal, sys
+    from storage import connect
+    con = connect(sys.argv[1])
+    print(con.temp_dir, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.readline()
+""")
+
+
+def test_a_killed_querys_temp_directory_is_removed_by_the_next_connection(tmp_path, no_orphans):
+    from processes import tagged_env
+
+    from storage import connect
+
+    store = FeatureStore(str(tmp_path / "store"))
+
+    def query(how: str) -> tuple[subprocess.Popen, str]:
+        p = subprocess.Popen([sys.executable, "-c", KILLED_QUERY, store.root, how], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=tagged_env(no_orphans))
+        return p, p.stdout.readline().strip()
+
+    killed, left = query("kill")
+    assert killed.wait() == -signal.SIGKILL and os.path.isdir(left)  # what issue 23 found
+    alive, kept = query("wait")
+    try:
+        with connect(store) as con:
+            assert not os.path.exists(left)  # its owner is dead: removed
+            assert os.path.isdir(kept) and os.path.isdir(con.temp_dir)  # a live query's: kept
+    finally:
+        alive.communicate("\n")
+    assert not os.path.exists(kept)  # closed normally: removed by its own connection
