@@ -44,6 +44,9 @@ class Case:
     # (pause point, what to do there): the run is paused at a storage/delta.py pause point, the
     # function changes the world (fills the disk), and the run goes on
     pause: tuple[str, Callable[[Path], None]] | None = None
+    unprivileged: bool = False  # run without the capabilities that let root ignore file permissions
+    holder: str | None = None  # Python run (case env) before the command; kept until the command ends
+    root_only: bool = False  # needs to mount a tmpfs
 
 
 def _rows(store: Path, sql: str) -> list[tuple]:
@@ -132,6 +135,138 @@ def _after_full_disk(t: Path) -> list[str]:
     return problems
 
 
+def _store_of(n: int) -> Callable[[Path], None]:
+    """n good videos and an empty store."""
+    def prepare(t: Path) -> None:
+        _good(n)(t)
+        _store(t)
+    return prepare
+
+
+def _read_only_store(t: Path) -> None:
+    _store_of(2)(t)
+    subprocess.run(["chmod", "-R", "a-w", str(t / "store")], check=True)
+
+
+def _unchanged_store(t: Path) -> list[str]:
+    subprocess.run(["chmod", "-R", "u+w", str(t / "store")], check=True)
+    return _expect(t / "store", "SELECT count(*) FROM runs", [(0,)])
+
+
+def _store_is_a_file(t: Path) -> None:
+    _good(1)(t)
+    (t / "store").write_text("not a store\n")
+
+
+def _full_output_disk(t: Path) -> None:
+    """A store, and the output folder on a 1 MB tmpfs that is already full (root only)."""
+    _store(t)
+    (t / "out").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(t / "out")], check=True)
+    with open(t / "out" / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # ENOSPC
+            pass
+
+
+def _nothing_but_filler(t: Path) -> list[str]:
+    left = sorted(p.name for p in (t / "out").iterdir())
+    return [] if left == ["filler"] else [f"files left in the full folder: {left}"]
+
+
+def _log_untouched(t: Path) -> list[str]:
+    bad = [p.name for p in (t / "store" / "videos" / "_delta_log").iterdir() if not p.name.endswith(".json")]
+    return ([f"written into _delta_log: {bad}"] if bad else []) + _expect(t / "store", "SELECT count(*) FROM videos",
+                                                                          [(0,)])
+
+
+def _junk_checkpoint(t: Path) -> None:
+    (t / "junk.pt").write_bytes(bytes(range(256)) * 40)
+    (t / "run.json").write_text('{"not": "a checkpoint"}\n')
+
+
+def _garbage_pairs(t: Path) -> None:
+    (t / "garbage.bin").write_bytes(bytes(range(128, 256)) * 64)
+
+
+def _bom_pairs(t: Path) -> None:
+    lines = (t.parent / "corpus" / "pairs.tsv").read_text().splitlines()
+    (t / "bom.tsv").write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode())
+
+
+def _bom_first_user(t: Path) -> list[str]:
+    first = (t.parent / "corpus" / "pairs.tsv").read_text().split("\t", 1)[0]
+    p = subprocess.run([MVREC, "recommend", "-u", first, "--run", str(t / "run")], env=_ENV[0], capture_output=True,
+                       text=True, cwd=t, timeout=600)
+    return [] if p.returncode == 0 else [f"recommend -u {first} (the first user) exited {p.returncode}: "
+                                         f"{p.stderr.strip()[-200:]}"]
+
+
+def _odd_files(t: Path) -> None:
+    _good(3)(t)
+    os.mkfifo(t / "videos" / "fifo.mp4")
+    (t / "videos" / "zero.mp4").symlink_to("/dev/zero")
+    shutil.copy(t / "videos" / "1.mp4", t / "videos" / "3.mkv")  # 3.mp4 and 3.mkv: one video id
+
+
+def _revert_and_check(t: Path) -> list[str]:
+    """Issue 23: refresh (done), 2.mp4 becomes 5.mp4's content, refresh, 2.mp4 back, refresh: the
+    store serves the original 2's features and status lists no changed file."""
+    from flows.plan import extractor_record
+    from mvrec.config import load_config
+    from storage import FeatureStore
+
+    original = (t / "videos" / "2.mp4").read_bytes()
+    problems = []
+
+    def refresh(step: str) -> None:
+        p = subprocess.run([MVREC, "refresh", str(t / "videos")], env=_ENV[0], capture_output=True, text=True, cwd=t,
+                           timeout=1800)
+        if p.returncode:
+            problems.append(f"{step}: refresh exited {p.returncode}: {p.stderr.strip()[-200:]}")
+
+    shutil.copy(t / "videos" / "5.mp4", t / "videos" / "2.mp4")
+    refresh("after the swap")
+    (t / "videos" / "2.mp4").write_bytes(original)
+    refresh("after the revert")
+    saved = {k: os.environ.get(k) for k in _ENV[0] if k.startswith("MVREC_")}
+    os.environ.update({k: v for k, v in _ENV[0].items() if k.startswith("MVREC_")})
+    try:
+        eid = extractor_record(load_config()).extractor_id
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    store = FeatureStore(str(t / "store"), create=False)
+    import hashlib
+
+    import numpy as np
+
+    sha = hashlib.sha256(original).hexdigest()
+    if store.completed(eid) & {("2", s) for s in (sha,)} != {("2", sha)}:
+        problems.append("video 2's current content is not the completed one")
+    two, five = (store.layer_matrix(eid, 0, [v]).values for v in ("2", "5"))
+    if np.allclose(two, five):
+        problems.append("layer_matrix(eid, 0, ['2']) returns 5.mp4's features after the revert")
+    st = subprocess.run([MVREC, "status", "--json"], env=_ENV[0], capture_output=True, text=True, cwd=t, timeout=600)
+    changed = json.loads(st.stdout)["changed_files"]["count"] if st.returncode == 0 else None
+    if changed != 0:
+        problems.append(f"status lists {changed} changed files after the revert")
+    return problems
+
+
+_HOLD_LEASE = """
+import sys
+from flows.plan import extractor_record
+from mvrec.config import load_config
+from storage import open_store
+cfg = load_config()
+with open_store(cfg.store).run_lease(extractor_record(cfg).extractor_id):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
 STORE = "{store}"
 CASES = [
     # bad config or flags: exit 2 before any work
@@ -159,6 +294,30 @@ CASES = [
     Case("SQL duckdb_settings()", ["query", "SELECT * FROM duckdb_settings()"], 2, r"duckdb_settings\(\) not allowed",
          {}, _store),
     Case("SQL writes", ["query", "DELETE FROM videos"], 2, r"DELETE statements are not allowed", {}, _store),
+    Case("SQL pg_settings", ["query", "SELECT name, setting FROM pg_settings"], 2,
+         r"duckdb_settings\(\) not allowed.*pg_settings", {}, _store),
+    Case("SQL information_schema.views", ["query", "SELECT view_definition FROM information_schema.views"], 2,
+         r"reads duckdb_views\(\)\.sql", {}, _store),
+    # the store cannot be used: one line, exit 2, before any work, nothing written
+    Case("read-only store under refresh", ["refresh", "{videos}"], 2, r"^error: store not writable: .*Permission denied",
+         {}, _read_only_store, _unchanged_store, unprivileged=True),
+    Case("store path is a file", ["refresh", "{videos}"], 2, r"store\.path: .*store is a file", {}, _store_is_a_file),
+    Case("query -o on a full disk", ["query", "SELECT range AS i FROM range(200000)", "-f", "csv", "-o",
+                                     "{root}/out/rows.csv"], 2, r"--out .*rows\.csv: cannot write it: No space left",
+         {}, _full_output_disk, _nothing_but_filler, root_only=True),
+    Case("query -o inside the store", ["query", "SELECT 1 AS x", "-f", "csv", "-o",
+                                       "{store}/videos/_delta_log/x.csv"], 2, r"inside the feature store", {}, _store,
+         _log_untouched),
+    Case("recommend --run on random bytes", ["recommend", "-u", "1", "--run", "{root}/junk.pt"], 2,
+         r"junk\.pt is not an mvrec checkpoint", {}, _junk_checkpoint),
+    Case("recommend --run on a JSON file", ["recommend", "-u", "1", "--run", "{root}/run.json"], 2,
+         r"run\.json is not an mvrec checkpoint", {}, _junk_checkpoint),
+    Case("train -i on binary garbage", ["train", "-i", "{root}/garbage.bin"], 2,
+         r"garbage\.bin: not a UTF-8 text file", {}, _garbage_pairs),
+    # another run holds the store for this extractor: one line naming it, exit 1 (try later)
+    Case("overlapping refresh", ["refresh", "{videos}", "--always"], 1,
+         r"another run is extracting extractor \w+ into .*: process \d+ on .*this run did not start",
+         {}, _store_of(1), lambda t: _expect(t / "store", "SELECT count(*) FROM runs", [(0,)]), holder=_HOLD_LEASE),
     # odd files next to good videos: failure rows with a reason, the rest committed, exit 0
     Case("non-UTF-8 file name", ["refresh", "{videos}"], 0, r"UndecodableName", {}, _odd_name,
          lambda t: _expect(t / "store", "SELECT count(*) FROM videos", [(5,)]) + _expect(
@@ -173,11 +332,22 @@ CASES = [
          lambda t: _expect(t / "store", "SELECT count(*) FROM videos", [(2,)]) + _expect(
              t / "store", "SELECT video_id, error_type, message LIKE '%list.txt:2)' FROM failures",
              [("missing", "MissingFile", True)]), slow=True),
+    Case("FIFO, /dev/zero and x.mp4 + x.mkv in the source", ["refresh", "{videos}"], 0, r"NotARegularFile|processed",
+         {}, _odd_files,
+         lambda t: _expect(t / "store", "SELECT count(*) FROM videos", [(2,)]) + _expect(
+             t / "store", "SELECT video_id, error_type FROM failures ORDER BY 1",
+             [("3", "DuplicateVideoId"), ("fifo", "NotARegularFile"), ("zero", "NotARegularFile")]), slow=True),
+    Case("file reverted to its earlier content", ["refresh", "{videos}"], 0, r"processed", {}, _good(5),
+         _revert_and_check, slow=True),
+    Case("pairs file with a byte-order mark", ["train", "-i", "{root}/bom.tsv", "--epochs", "1", "-o", "{root}/run"],
+         0, r"users", {}, _bom_pairs, _bom_first_user, slow=True),
     # the store's disk fills up during the run: exit 1, the run does not stay `running`
     Case("disk full", ["refresh", "{videos}"], 1, r"No space left|os error 28", {"MVREC_STORE__PATH": "{root}/store/s"},
          _small_disk, _after_full_disk, slow=True, pause=("videos:before-write", _fill_disk)),
 ]
 _ENV: list[dict[str, str]] = [{}]  # the env of the case being run (for a check that runs mvrec again)
+# Root ignores permission bits (CAP_DAC_OVERRIDE); without these capabilities the kernel applies them.
+_UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner,-linux_immutable"]
 
 
 def run_case(case: Case, base: Path, token: str) -> dict:
@@ -204,7 +374,13 @@ def run_case(case: Case, base: Path, token: str) -> dict:
     _ENV[0] = env = tagged_env(token, env)
     marker = t / "paused"
     pause_env = {"MVREC_TEST_PAUSE_AT": case.pause[0], "MVREC_TEST_PAUSE_FILE": str(marker)} if case.pause else {}
-    proc = subprocess.Popen([MVREC, *map(sub, case.args)], env={**env, **pause_env}, stdout=subprocess.PIPE,
+    holder = None
+    if case.holder:
+        holder = subprocess.Popen([sys.executable, "-c", case.holder], env=env, cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()  # "held"
+    prefix = _UNPRIVILEGED if case.unprivileged and os.geteuid() == 0 else []
+    proc = subprocess.Popen([*prefix, MVREC, *map(sub, case.args)], env={**env, **pause_env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=t)
     if case.pause:
         while not marker.exists() and proc.poll() is None:
@@ -213,6 +389,8 @@ def run_case(case: Case, base: Path, token: str) -> dict:
             case.pause[1](t)
             marker.unlink()
     out, err_text = proc.communicate(timeout=1800)
+    if holder is not None:
+        holder.communicate("\n")
     p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err_text)
     err = p.stderr.strip().splitlines()
     last = err[-1] if err else ""
@@ -228,8 +406,9 @@ def run_case(case: Case, base: Path, token: str) -> dict:
         if case.check and p.returncode == case.rc:
             problems += case.check(t)
     finally:
-        if os.path.ismount(t / "store"):
-            subprocess.run(["umount", str(t / "store")], check=True)
+        for mount in (t / "store", t / "out"):
+            if os.path.ismount(mount):
+                subprocess.run(["umount", str(mount)], check=True)
     left = survivors(token)
     for x in left:
         x.kill()
@@ -255,8 +434,8 @@ def main() -> None:
     args = ap.parse_args()
     cases = [c for c in CASES if (not args.fast or not c.slow) and args.k in c.name]
     if os.geteuid() != 0:
-        print("(not root: the disk-full case needs to mount a tmpfs; skipped)")
-        cases = [c for c in cases if c.name != "disk full"]
+        print("(not root: the disk-full cases need to mount a tmpfs; skipped)")
+        cases = [c for c in cases if c.name != "disk full" and not c.root_only]
     print(f"bad-input torture: {len(cases)} cases as real mvrec processes; load average {os.getloadavg()[0]:.2f}",
           flush=True)
     clean = orphans = 0

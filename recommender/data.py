@@ -30,8 +30,10 @@ def read_interactions(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"interactions file not found: {path}")
     seqs: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first user's id.
+    with path.open(encoding="utf-8-sig") as fh:
+        lines = enumerate(fh, start=1)
+        for lineno, raw in _named(lines, path):
             line = raw.rstrip("\r\n")  # keep a leading tab: an empty user is an error
             if not line.strip() or line.startswith("#"):
                 continue
@@ -54,6 +56,14 @@ def read_interactions(path: str | Path) -> dict[str, list[str]]:
     if not seqs:
         raise ValueError(f"{path}: no interactions")
     return seqs
+
+
+def _named(lines, path: Path):
+    """The lines; a file that is not UTF-8 text (binary garbage) is a ValueError naming it."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file of interactions ({e.reason})") from None
 
 
 def _left_pad(seqs: list[np.ndarray], width: int) -> np.ndarray:

@@ -95,3 +95,44 @@ def test_model_notice(model_dir: str | Path) -> None:
             f"[yellow]note:[/] {model_dir} is a random-weight TEST MODEL built by `mvrec build-test-model`; "
             "its captions and features carry no meaning."
         )
+
+
+def writable_store(cfg: Config):
+    """The configured store after checking that every table takes a write, or None when there is
+    no store yet and its directory can be made. A read-only store, a store path that is a file, or
+    a directory that cannot be made raise one line (exit 2) before any work; nothing is written."""
+    import os
+    import tempfile
+
+    from storage import StoreNotWritableError, open_store
+
+    try:
+        store = open_store(cfg.store, create=False)  # NotADirectoryError for a file
+    except FileNotFoundError:
+        path = str(cfg.store.path)
+        if "://" in path and not path.startswith("file://"):
+            return None
+        parent = os.path.abspath(path.removeprefix("file://"))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"store.path: {path}: {parent} is a file, not a directory") from None
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".mvrec-write-check-", dir=parent))
+        except OSError as e:
+            raise StoreNotWritableError(f"store not writable: cannot create {path} in {parent}: {e.strerror}") from None
+        return None
+    store.check_all_writable()  # StoreNotWritableError (a PermissionError)
+    return store
+
+
+def refuse_overlapping_run(store, extractor_id: str) -> None:
+    """Exit 1 with one line naming the run that holds the store's run lease for this extractor
+    (docs/store.md, "Overlapping runs"): that run is doing this work; try again when it is done."""
+    owner = store.lease_holder(extractor_id) if store is not None else None
+    if owner is not None:
+        from storage import RunLeaseHeld
+
+        held = RunLeaseHeld(f"extractor {extractor_id} into {store.root}", owner, store.lease_path(extractor_id))
+        err_console.print(f"error: {held}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)

@@ -11,7 +11,17 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mvrec.cli.common import _state, app, console, err_console, get_config, test_model_notice, work_started
+from mvrec.cli.common import (
+    _state,
+    app,
+    console,
+    err_console,
+    get_config,
+    refuse_overlapping_run,
+    test_model_notice,
+    work_started,
+    writable_store,
+)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -29,6 +39,12 @@ def _prepare(overrides: dict[str, Any]):
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
         # A path, not a hub id: fail now rather than after Prefect has started.
         raise FileNotFoundError(f"extract.model: no model directory at {model}")
+    # The store must take writes (one line, exit 2), and no other run may be extracting into it
+    # with this extractor (one line naming it, exit 1): checked before Prefect or a model starts.
+    store = writable_store(cfg)
+    from flows.plan import extractor_record
+
+    refuse_overlapping_run(store, extractor_record(cfg).extractor_id)
     test_model_notice(model)
     return cfg
 

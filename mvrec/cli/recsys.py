@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -145,7 +146,14 @@ def recommend(
     cfg = get_config()
     from recommender.recommend import latest_run, top_items
 
-    result = top_items(run or latest_run(cfg.train.out), user, k, cfg.store, items_csv)
+    run = run or latest_run(cfg.train.out)
+    try:
+        result = top_items(run, user, k, cfg.store, items_csv)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, UnicodeDecodeError) as e:
+        # torch.load of random bytes, a JSON file or a truncated checkpoint: name the file, one line
+        path = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
+        raise ValueError(f"--run: {path} is not an mvrec checkpoint (a best.pt written by `mvrec train`; "
+                         f"loading it raised {type(e).__name__})") from None
     table = Table(title=f"top {len(result['items'])} for user {user} ({result['run_dir']})")
     for col in ("#", "item", "score", "title", "caption"):
         table.add_column(col)

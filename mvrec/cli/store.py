@@ -63,13 +63,21 @@ def query_cmd(
     if not schema:
         check_read_only(sql)  # refused before the store is even opened
     cfg = get_config().store
+    if out is not None:
+        _check_out(out, cfg.path)
     with connect(cfg.path, as_of=as_of, storage_options=cfg.storage_options) as con:
         if schema:
             _print_schema(con)
             return
         rows = con.batches(sql)
         if out is not None:
-            n = write_file(rows, rows.schema, fmt, out)
+            try:
+                n = write_file(rows, rows.schema, fmt, out)
+            except FileNotFoundError:
+                raise
+            except OSError as e:  # a full disk, a read-only or vanished directory: one line, exit 2
+                raise ValueError(f"--out {out}: cannot write it: {e.strerror or e} (the partial file is "
+                                 "removed; a file that was there is left as it was)") from None
             console.print(f"wrote {n} rows to {out}")
             return
         if fmt == "table":
@@ -81,6 +89,20 @@ def query_cmd(
     if cut:
         err_console.print(f"note: output cut at {max_rows} rows (--max-rows); -o FILE writes every row",
                           markup=False, highlight=False)
+
+
+def _check_out(out: Path, store_path: str) -> None:
+    """Refuse an output file inside a local store: a file in a table's folder or `_delta_log`
+    breaks every reader of that table."""
+    import os
+
+    if "://" in str(store_path) and not str(store_path).startswith("file://"):
+        return
+    root = os.path.realpath(str(store_path).removeprefix("file://"))
+    target = os.path.realpath(out)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--out {out}: inside the feature store {root}; write query results elsewhere "
+                         "(a file there breaks the store's tables)")
 
 
 def _print_schema(con) -> None:
