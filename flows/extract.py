@@ -62,7 +62,7 @@ def commit_task(store: FeatureStore, batch: ExtractionBatch) -> dict[str, int]:
 def plane_spec(cfg: Config) -> PlaneSpec:
     """The data plane of this config: what to run, where and how wide."""
     extract = cfg.extract
-    return PlaneSpec(extract.backend, extract_spec(cfg), decode_options(cfg), batch_size=extract.batch_size,
+    return PlaneSpec(backend=extract.backend, spec=extract_spec(cfg), opts=decode_options(cfg), batch_size=extract.batch_size,
                      replicas=extract.replicas, decode_workers=extract.decode_workers,
                      retries=cfg.prefect.task_retries, retry_delay_s=cfg.prefect.retry_delay_s)
 
@@ -133,6 +133,26 @@ def record_unreadable(store: FeatureStore, unreadable: list[tuple[VideoRef, str]
     summary.add(failures)
 
 
+def commit_arrived(store: FeatureStore, arrived: list[tuple[Batch, ModelInfo]], record: ExtractorRecord,
+                   by_id: dict[str, VideoRef], summary: ExtractSummary, norms: LayerNorms) -> None:
+    """One commit of every batch that has arrived: the quality gate, then the rows. The first commit
+    writes the extractor row with the model's shape, as the replica reported it."""
+    model = arrived[0][1]
+    if not summary.commits:
+        store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": model.hidden_size,
+                                                  "num_layers": model.num_layers}))
+    batch = Batch([done for part, _ in arrived for done in part.results],
+                  [failure for part, _ in arrived for failure in part.failures])
+    # Quality gate: a NaN/Inf, wrong-size or all-zero embedding makes its video a failure row.
+    gated = gate_batch(batch_rows(batch, by_id, summary.run_id, summary.extractor_id), model.hidden_size,
+                       summary.run_id)
+    norms.merge(gated.norms)
+    summary.versions.update(commit_task(store, gated.batch))
+    summary.add(batch.failures + gated.rejected, processed=len(batch.results) - len(gated.rejected))
+    summary.partial += sum(bool(video.partial) for video in gated.batch.videos)
+    summary.commits += 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The flow
 
@@ -165,23 +185,12 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
         if unreadable:
             record_unreadable(store, unreadable, by_id, summary)
 
-        model: ModelInfo | None = None
         norms = LayerNorms()
         results = run_plane(todo, plane_spec(cfg), engine=cfg.extract.engine, ray_address=cfg.extract.ray_address,
                             stats=stats)
         for arrived in in_background(results, min_videos=cfg.extract.commit_size):
-            if model is None:  # the model's shape, before its first rows
-                model = arrived[0][1]
-                store.upsert_extractor(ExtractorRecord(**{**asdict(record), "dim": model.hidden_size,
-                                                          "num_layers": model.num_layers}))
-            batch = Batch([done for b, _ in arrived for done in b.results], [f for b, _ in arrived for f in b.failures])
-            # Quality gate: a NaN/Inf, wrong-size or all-zero embedding makes its video a failure row.
-            gated = gate_batch(batch_rows(batch, by_id, run_id, extractor_id), model.hidden_size, run_id)
-            norms.merge(gated.norms)
-            summary.versions.update(commit_task(store, gated.batch))
-            summary.add(batch.failures + gated.rejected, processed=len(batch.results) - len(gated.rejected))
-            summary.partial += sum(bool(video.partial) for video in gated.batch.videos)
-            summary.lvlm_batches, summary.commits = stats.batches, summary.commits + 1
+            commit_arrived(store, arrived, record, by_id, summary, norms)
+            summary.lvlm_batches = stats.batches
 
     summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
     summary.plane = {**stats.busy_shares(), "resent": stats.resent, "replicas_lost": stats.replicas_lost}

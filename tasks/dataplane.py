@@ -95,6 +95,9 @@ class PlaneStats:
 # the two stages (run inside decode workers and replicas, on whatever node)
 
 _PREPROCESSORS: dict[str, Any] = {}  # one per worker process and model
+# Loads in one process take turns: transformers' lazy imports are not thread-safe (two threads
+# importing at once can see "cannot import name 'AutoProcessor'"), and one load of each is enough.
+_LOAD_LOCK = threading.Lock()
 
 
 def _preprocessor_key(plane: PlaneSpec) -> str:
@@ -104,8 +107,9 @@ def _preprocessor_key(plane: PlaneSpec) -> str:
 def decode_and_prepare(chunk: Sequence[VideoRef], plane: PlaneSpec) -> list[tuple[Any, float]]:
     """Decode each video, then run the model's processor on it: (prepared video or Failure, seconds)."""
     key = _preprocessor_key(plane)
-    if key not in _PREPROCESSORS:
-        _PREPROCESSORS[key] = load_preprocessor(plane.backend, plane.spec)
+    with _LOAD_LOCK:
+        if key not in _PREPROCESSORS:
+            _PREPROCESSORS[key] = load_preprocessor(plane.backend, plane.spec)
     preprocessor = _PREPROCESSORS[key]
     out = []
     for ref in chunk:
@@ -124,8 +128,9 @@ class ModelReplica:
     """One loaded model. `run` takes a decoded batch and returns its rows (ReplicaOut)."""
 
     def __init__(self, plane: PlaneSpec, replica: int, backend: LVLMBackend | None = None):
-        self.backend = backend or load_backend(plane.backend, plane.spec)
-        self.extract = getattr(self.backend, "extract_prepared", self.backend.extract)
+        with _LOAD_LOCK:
+            self.backend = backend or load_backend(plane.backend, plane.spec)
+        self.extract = getattr(self.backend, "extract_prepared", None) or self.backend.extract
         self.batch_size, self.replica = plane.batch_size, replica
 
     def ready(self) -> ModelInfo:
