@@ -13,13 +13,16 @@ own ephemeral Prefect API, test model, commit size 4) and SIGKILLs it at a rando
 Then:
   - no process of the killed run is left (psutil; every process it started carries a token in
     its environment, found again after reparenting);
+  - `mvrec status`, before the rerun, shows the runs the killed process left `running` as
+    `abandoned` (it only reads; the rerun records them);
   - a rerun `mvrec refresh` exits 0;
   - exact row counts: videos and captions = the good videos (every caption embedded),
     hidden_states = good videos x layers, no duplicate key in any table, failures = exactly the
     two bad files, no run left `running`, and every run the killed process left running is
     `abandoned`.
 A kill point the run never reaches (it finished first) is not a kill: the trial is redone with
-another point. Prints `N trials, N clean` with the orphan processes found.
+another point. Then `--query-kills` trials SIGKILL a running `mvrec query` and run another: the
+killed query's spill directory must be gone after it (issue 23). Prints `N trials, N clean` with the orphan processes found.
 """
 
 from __future__ import annotations
@@ -135,6 +138,58 @@ def running_runs_of(store: Path, pid: int) -> set[str]:
             and json.loads(r["owner"])["pid"] == pid}
 
 
+def status_shows_abandoned(root: Path, store: Path, token: str, killed_runs: set[str]) -> list[str]:
+    """`mvrec status` after the kill, before any rerun: the killed run's rows still say `running`,
+    and status shows them `abandoned` (its process is gone)."""
+    import json
+
+    if not killed_runs:
+        return []
+    p = subprocess.run([MVREC, "status", "--json", "--no-files"], env=env_for(root, store, token),
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        return [f"status after the kill exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}"]
+    shown = {r["run_id"]: r["status"] for r in json.loads(p.stdout)["runs"]}
+    wrong = {r: shown.get(r) for r in killed_runs if shown.get(r) != "abandoned"}
+    return [f"status shows the killed run(s) as {wrong}"] if wrong else []
+
+
+QUERY = "SELECT count(*) FROM range(3000000000) a WHERE a.range % 7 = 3"  # runs for minutes
+
+
+def query_trial(root: Path, store: Path) -> dict:
+    """SIGKILL a running `mvrec query`, then run another: the killed one's spill directory
+    (mvrec-duckdb-<pid>-...) is removed by the next connection, and no process is left."""
+    import tempfile
+
+    from processes import describe, survivors
+
+    token = uuid.uuid4().hex
+    tmp = Path(tempfile.gettempdir())
+    proc = subprocess.Popen([MVREC, "query", QUERY, "-f", "csv"], env=env_for(root, store, token),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mine: list[Path] = []
+    while not mine and proc.poll() is None:
+        mine = list(tmp.glob(f"mvrec-duckdb-{proc.pid}-*"))
+        time.sleep(0.02)  # polling interval only
+    problems = [] if mine else [f"the query exited ({proc.returncode}) before its spill directory was seen"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if mine and not mine[0].is_dir():
+        problems.append("the killed query's spill directory was already gone (nothing to test)")
+    after = subprocess.run([MVREC, "query", "SELECT 1 AS x", "-f", "csv"], env=env_for(root, store, token),
+                           capture_output=True, text=True, timeout=600)
+    if after.returncode:
+        problems.append(f"the next query exited {after.returncode}")
+    if mine and mine[0].exists():
+        problems.append(f"{mine[0]} left after the next query")
+    left = survivors(token)
+    for p in left:
+        p.kill()
+    problems += [f"orphans: {describe(left)}"] if left else []
+    return {"problems": problems, "orphans": len(left)}
+
+
 def trial(root: Path, videos_dir: Path, good: int, point: str | None, nth: int, delay: float,
           api_url: str | None) -> dict:
     """One kill and its rerun on a fresh store. Returns killed (bool), problems, orphans."""
@@ -156,6 +211,7 @@ def trial(root: Path, videos_dir: Path, good: int, point: str | None, nth: int, 
         shutil.rmtree(store, ignore_errors=True)
         return {"killed": False, "problems": problems, "orphans": len(left)}
     left_running = running_runs_of(store, proc.pid)
+    problems += status_shows_abandoned(root, store, token, left_running)
     rerun = subprocess.run([MVREC, "refresh", str(videos_dir)], env=env_for(root, store, token, api_url),
                            capture_output=True, text=True, timeout=1800)
     if rerun.returncode != 0:
@@ -175,6 +231,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-delay", type=float, default=45.0, help="upper bound of a random kill delay, seconds")
+    ap.add_argument("--query-kills", type=int, default=3, help="SIGKILLed `mvrec query` runs (spill directories)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     from flows.runtime import configure_prefect, start_api
@@ -211,8 +268,19 @@ def main() -> None:
             print(f"trial {trials}: kill {what}, {r['abandoned']} run(s) left running -> abandoned: "
                   + ("clean" if not r["problems"] else "PROBLEMS: " + "; ".join(r["problems"]))
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        store = root / "query-store"
+        from storage import FeatureStore
+
+        FeatureStore(str(store))
+        for _ in range(args.query_kills):
+            r = query_trial(root, store)
+            trials += 1
+            clean += not r["problems"]
+            orphans += r["orphans"]
+            print(f"trial {trials}: SIGKILL a running query, then query again: "
+                  + ("clean" if not r["problems"] else "PROBLEMS: " + "; ".join(r["problems"])), flush=True)
     print(f"{trials} trials, {clean} clean; {orphans} orphan processes found; {abandoned} killed runs marked "
-          "abandoned by the rerun")
+          "abandoned by the rerun (and shown abandoned by `mvrec status` before it)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +146,14 @@ def test_crash_torture_slice(tmp_path, no_orphans):
         got = torture.trial(tmp_path, videos, 5, point, nth, 0.0, api_url=None)
         assert got["killed"] and got["problems"] == [] and got["orphans"] == 0, (point, got)
         assert got["abandoned"] == 1
+
+
+def test_a_killed_query_slice(tmp_path, no_orphans):
+    # bench/torture_crash.py's query trial: a SIGKILLed `mvrec query`, then another query.
+    torture = _bench("torture_crash")
+    store = FeatureStore(str(tmp_path / "store"))
+    got = torture.query_trial(tmp_path, Path(store.root))
+    assert got["problems"] == [] and got["orphans"] == 0
 
 
 # --- issue 23: run leases, killed queries' temp directories ------------------------------------
