@@ -16,6 +16,8 @@ one chunk of them in another dtype, and autograd keeps no copy of them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +92,7 @@ class ItemEmbedding(nn.Module):
         if (mode == "id") != (features is None):
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'id' else 'needs'} features")
         self.mode, self.n_items, self.id_dropout = mode, n_items, id_dropout
+        self._every_content: torch.Tensor | None = None  # set inside content_once()
         if features is not None:
             if not features.is_floating_point():
                 raise ValueError(f"features must be floating point, got {features.dtype}")
@@ -118,8 +121,22 @@ class ItemEmbedding(nn.Module):
     def layer_weights(self) -> torch.Tensor | None:
         return F.softmax(self.layer_logits, dim=0) if self.mode == "dff" else None
 
+    @contextmanager
+    def content_once(self):
+        """Inside, every item's content is computed once, on entry, and indexed after. A step of the
+        full softmax then reads the features once for the inputs and the candidates alike (not once
+        for each), and an evaluation once for all its batches of users."""
+        if self.mode != "id":
+            self._every_content = self.content()
+        try:
+            yield
+        finally:
+            self._every_content = None
+
     def content(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Content vectors [..., D] in float32 of `ids` (None: every row)."""
+        if self._every_content is not None:
+            return self._every_content if ids is None else self._every_content[ids]
         if self.mode == "dff":
             return mix_layers(self.features, self.layer_weights(), ids)
         return content_rows(self.features, ids)

@@ -79,14 +79,17 @@ def best_layer(rows: list[dict[str, Any]]) -> int | None:
 
 
 def run_cell(data: SeqData, bank: FeatureBank, cell: Cell, train_cfg: TrainConfig, seeds: int, out_dir: Path,
-             progress: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             progress: bool = False, log: Callable[[str], None] = print,
+             max_batches: int | None = None) -> list[dict[str, Any]]:
+    """Train `cell` with each seed on the shared `bank` (max_batches: see train)."""
     rows = []
     for seed in range(seeds):
         cfg = dataclasses.replace(train_cfg, representation=cell.representation, seed=seed,
                                   source=cell.source or train_cfg.source)
         features, meta = resolve_features(bank, cfg, log)
         run_dir = out_dir / "runs" / cell.name.replace(" ", "_").replace(":", "-").replace(",", "_") / f"seed{seed}"
-        result = train(data, cfg, features, run_dir, meta={**meta, "cell": cell.name}, progress=progress, log=log)
+        result = train(data, cfg, features, run_dir, meta={**meta, "cell": cell.name}, progress=progress, log=log,
+                       max_batches=max_batches)
         rows.append({
             "cell": cell.name, "representation": cell.representation, "source": cell.source,
             "layer": cell.layer, "seed": seed, "best_epoch": result.best_epoch, "epochs": result.epochs,

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ import torch
 
 from mvrec.config import TrainConfig
 from recommender.data import SeqData
-from recommender.evaluate import COLD_THRESHOLD, evaluate, history_mask, split_metrics, split_ranks
+from recommender.evaluate import COLD_THRESHOLD, history_mask, split_metrics, split_ranks
 from recommender.features import as_dtype
 from recommender.losses import next_item_loss, resolve_loss
 from recommender.model import ItemEmbedding, SASRec
@@ -196,7 +197,9 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 seq = torch.as_tensor(data.train_inputs[batch, T - width:], device=device)
                 tgt = torch.as_tensor(data.train_targets[batch, T - width:], device=device)
                 seen = history_mask(hist_ptr, hist_idx, batch, data.n_items + 1, device) if use_seen else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                # full: the inputs and the candidates take their content from one pass over the features
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), \
+                        (model.items.content_once() if loss_name == "full" else nullcontext()):
                     loss = next_item_loss(model, seq, tgt, seen, loss_name, cfg.num_negatives, q)
                 opt.zero_grad(set_to_none=True)
                 (loss * (lengths[batch].sum() / mean_positions)).backward()
@@ -206,7 +209,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch} loss {np.mean(losses):.4f}")
             train_s = time.perf_counter() - t0
-            valid = evaluate(model, eval_data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+            valid = split_metrics(ranks(model, eval_data, "valid", cfg, device), eval_data, "valid")
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
                    "train_seconds": train_s, "steps": len(losses), **{f"valid_{k}": v for k, v in valid.items()}}
             writer.writerow(row)
@@ -225,8 +228,8 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 break
 
     model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
-    valid = evaluate(model, data, "valid", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
-    test_ranks = split_ranks(model, data, "test", cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
+    valid = split_metrics(ranks(model, data, "valid", cfg, device), data, "valid")
+    test_ranks = ranks(model, data, "test", cfg, device)
     _, test_targets = data.targets("test")
     np.savez(run_dir / "test_ranks.npz", ranks=test_ranks.numpy(), cold=data.train_counts[test_targets] < COLD_THRESHOLD)
     test = split_metrics(test_ranks, data, "test")
@@ -236,6 +239,12 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
     (run_dir / "result.json").write_text(json.dumps(
         {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}, indent=2))
     return result
+
+
+def ranks(model: SASRec, data: SeqData, split: str, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """split_ranks (cfg's protocol and batch), every item's content computed once for all batches of users."""
+    with torch.no_grad(), model.items.content_once():
+        return split_ranks(model, data, split, cfg.eval_batch_size, device, cfg.eval_protocol, seed=cfg.seed)
 
 
 def save_checkpoint(model: SASRec, data: SeqData, cfg: TrainConfig, path: Path) -> None:

@@ -2,6 +2,7 @@
 feature bank shared by views, and the store adapter that loads straight into the dtype."""
 
 import dataclasses
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -130,3 +131,28 @@ def test_sasrec_scores_the_same_from_a_float32_or_a_bfloat16_bank():
     with torch.no_grad():
         a, b = full.all_items(), half.all_items()
     assert (a - b).norm() / a.norm() < 1e-2 and not torch.equal(a, b)
+
+
+def test_content_once_reads_the_features_once_a_step_with_the_same_loss_and_gradients(monkeypatch):
+    torch.manual_seed(5)
+    feats = torch.randn(41, 4, 16)
+    feats[0] = 0
+    cfg = TrainConfig(representation="dff", dim=8, dropout=0.0)
+    seq = torch.randint(1, 41, (8, 6))
+    mixes = []
+    forward = model_module._MixLayers.forward
+    monkeypatch.setattr(model_module._MixLayers, "forward", staticmethod(
+        lambda ctx, alpha, features, rows: mixes.append(rows) or forward(ctx, alpha, features, rows)))
+    grads = []
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, 40, feats).eval()
+        mixes.clear()
+        with model.items.content_once() if once else nullcontext():
+            loss = next_item_loss(model, seq[:, :-1], seq[:, 1:], loss="full")
+        loss.backward()
+        grads.append((loss.item(), model.items.layer_logits.grad.clone(), model.items.proj.weight.grad.clone()))
+        assert len(mixes) == (1 if once else 2) and (mixes[-1] is None)  # once: every row, as slices
+    (l0, a0, w0), (l1, a1, w1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6) and torch.allclose(a0, a1, atol=1e-6) and torch.allclose(w0, w1, atol=1e-6)
+    assert model.items._every_content is None  # dropped on exit
