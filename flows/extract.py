@@ -35,7 +35,7 @@ from flows.report import extract_markdown, publish
 from mvrec.config import Config, load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
 from storage.quality import LayerNorms, gate_batch
-from tasks.dataplane import PlaneSpec, PlaneStats, in_background, run_plane
+from tasks.dataplane import PlaneSpec, PlaneStats, in_background, run_plane, runs_on_gpu
 from tasks.discover import VideoRef, discover_videos, hash_videos
 from tasks.extract import Batch, decode_options, extract_spec
 from tasks.lvlm import Failure, ModelInfo
@@ -167,6 +167,8 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
     """
     started, log = time.perf_counter(), get_run_logger()
     cfg = load_config(config_path, overrides=overrides)
+    if runs_on_gpu(cfg.extract.device, cfg.extract.engine, cfg.extract.ray_address):
+        cfg = load_config(config_path, overrides=overrides, on_gpu=True)  # batch, queue and commit sizes for a GPU
     store, record = open_store(cfg.store), extractor_record(cfg)
     extractor_id = record.extractor_id
     run_id = store.start_run("extract-features", extractor_id=extractor_id,

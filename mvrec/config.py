@@ -490,13 +490,27 @@ def _config_file(path: str | Path | None, env: Mapping[str, str]) -> Path | None
     return Path(path)
 
 
+# What feeds one H200 when the model runs on CUDA (the arithmetic: docs/gpu.md#gpu-defaults). A level
+# just above the embedded defaults: a preset, mvrec.toml, MVREC_* or a flag still wins.
+GPU_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("extract", "batch_size"): 32,  # ~9.5k prompt tokens per forward for demo-sized videos
+    ("vllm", "max_num_seqs"): 32,  # a whole batch in one engine step
+    ("extract", "decode_workers"): 12,  # 16 cores: decode + processor, one for the replica and the flow
+    ("extract", "commit_size"): 512,  # ~5 s of videos per commit at ~100 videos/s
+}
+
+
 def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     override_sources: Mapping[str, str] | None = None,
+    on_gpu: bool = False,
 ) -> Config:
     """Build the effective config.
+
+    on_gpu: the model runs on CUDA; GPU_DEFAULTS replace the CPU defaults (the extraction flow asks
+    tasks.dataplane.runs_on_gpu, then loads again).
 
     path: a TOML file; default `$MVREC_CONFIG`, else `./mvrec.toml` if it exists.
     env: environment mapping (default os.environ); `MVREC_SECTION__KEY=value`.
@@ -509,6 +523,8 @@ def load_config(
                 *_flag_settings(overrides or {}, override_sources or {})]
 
     cfg, sources = Config(), {}
+    for (section, key), value in (GPU_DEFAULTS.items() if on_gpu else ()):
+        _apply(cfg, (section, key, value, "GPU default"), sources)
     named = [(value, source) for section, key, value, source in explicit if (section, key) == ("train", "preset")]
     if named:  # the last level that names a preset wins, as for any key
         apply_preset(cfg, *named[-1], sources)

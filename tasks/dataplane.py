@@ -201,18 +201,39 @@ class ThreadEngine:
         return max(1, _cuda_count())
 
 
+_RAY_STARTED_HERE = [False]  # this process started the Ray it is connected to: stop it after the run
+
+
+def connect_ray(address: str = ""):
+    """The ray module, connected: to `address`, else to the cluster this process already joined,
+    else to a local instance it starts (and RayEngine.close stops)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _RAY_STARTED_HERE[0] = not address
+    return ray
+
+
+def runs_on_gpu(device: str, engine: str, ray_address: str = "") -> bool:
+    """Whether the replicas will run on CUDA: a cuda device, or `auto` where the engine sees a GPU
+    (this machine for threads, the cluster for Ray)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    if engine == "ray":
+        return connect_ray(ray_address).cluster_resources().get("GPU", 0) >= 1
+    return _cuda_count() > 0
+
+
 class RayEngine:
     """Decode tasks and replica actors on a Ray cluster (`address`; empty: join the one this
     process is connected to, or start a local one)."""
 
     def __init__(self, plane: PlaneSpec, address: str = ""):
-        import ray
-
-        self.ray, self.plane = ray, plane
-        self.started = not ray.is_initialized()
-        if self.started:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        self.ray, self.plane = connect_ray(address), plane
+        ray = self.ray
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         # A GPU replica takes no CPU slot: those are the decode workers'.
         self.replica_resources = {"num_gpus": 1, "num_cpus": 0} if has_gpu else {"num_cpus": 1}
@@ -251,8 +272,9 @@ class RayEngine:
     def close(self) -> None:
         for actor in self.actors.values():
             self.ray.kill(actor)
-        if self.started:
+        if _RAY_STARTED_HERE[0]:
             self.ray.shutdown()
+            _RAY_STARTED_HERE[0] = False
 
     def replica_count(self) -> int:
         return max(1, int(self.ray.cluster_resources().get("GPU", 0)))

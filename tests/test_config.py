@@ -350,3 +350,26 @@ def test_cli_bad_value_in_file(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "extract.batch_size" in lines[0] and "'many'" in lines[0]
+
+
+def test_gpu_defaults_replace_the_cpu_defaults_below_every_explicit_setting():
+    from mvrec.config import GPU_DEFAULTS
+
+    cpu, gpu = load_config(env={}), load_config(env={}, on_gpu=True)
+    assert (cpu.extract.batch_size, cpu.vllm.max_num_seqs, cpu.extract.decode_workers, cpu.extract.commit_size) \
+        == (4, 8, 2, 64)
+    for (section, key), value in GPU_DEFAULTS.items():
+        assert getattr(getattr(gpu, section), key) == value
+    explicit = load_config(env={"MVREC_EXTRACT__BATCH_SIZE": "8"}, overrides={"extract.commit_size": 100}, on_gpu=True)
+    assert (explicit.extract.batch_size, explicit.extract.commit_size, explicit.extract.decode_workers) == (8, 100, 12)
+
+
+def test_the_flow_asks_for_gpu_defaults_when_the_replicas_run_on_cuda():
+    import torch
+
+    from tasks.dataplane import runs_on_gpu
+
+    assert runs_on_gpu("cuda", "threads") and runs_on_gpu("cuda:1", "ray")
+    assert not runs_on_gpu("cpu", "threads") and not runs_on_gpu("cpu", "ray")
+    # auto follows what the engine sees: this machine's CUDA for threads (no GPU in CI)
+    assert runs_on_gpu("auto", "threads") == torch.cuda.is_available()
