@@ -11,6 +11,8 @@ Runs, each on a fresh set of replicas (their start-up is not counted in throughp
   ahead, the decoded frames fetched by the driver and sent to one model task at a time; R replicas
   exist, but only one works at once.
 - after:  tasks/dataplane.py with R = 1, 2, 4 replicas and 2 decode workers.
+- Ray Data: the same two stages as `map` decode tasks and an actor pool of R replicas (streamed),
+  against the data plane, by wall time with start-up included on both sides.
 - decode-bound: a stand-in 40x faster, R = 4, with 1 and then 2 decode nodes: the ceiling moves.
 - commit: FeatureStore.write_batch of n videos at the 3B shape (38 rows of 2,048 float32 per video).
 
@@ -74,8 +76,34 @@ def after(refs, plane) -> dict:
     n = sum(len(batch.results) for batch, _ in run_plane(refs, plane, engine="ray", stats=stats))
     serving = stats.wall_s - stats.startup_s
     shares = stats.busy_shares()
-    return {"videos": n, "serving_s": serving, "startup_s": stats.startup_s, "rate": n / serving,
+    return {"videos": n, "serving_s": serving, "startup_s": stats.startup_s, "rate": n / serving, "wall_s": stats.wall_s,
             "replica_busy": list(shares["replicas"].values()), "decode_busy": shares["decode"]}
+
+
+def ray_data(refs, plane, replicas: int) -> dict:
+    """The same two stages as a Ray Data pipeline (the Ray Data LLM / NeMo Curator pattern):
+    `map` decode tasks, then an actor pool of `replicas` stand-in replicas, streamed. Wall time
+    includes the pool's start-up, so it is compared with the data plane's wall time."""
+    import ray
+
+    from tasks.dataplane import ModelReplica, decode_and_prepare
+
+    class Replica:
+        def __init__(self):
+            self.replica = ModelReplica(plane, 0)
+
+        def __call__(self, row: dict) -> dict:
+            out = self.replica.run(row["decoded"])
+            return {"videos": len(out.results), "busy_s": out.busy_s}
+
+    chunks = [{"chunk": refs[i:i + plane.batch_size]} for i in range(0, len(refs), plane.batch_size)]
+    t0 = time.perf_counter()
+    rows = list(ray.data.from_items(chunks)
+                .map(lambda row: {"decoded": decode_and_prepare(row["chunk"], plane)}, num_cpus=1)
+                .map(Replica, concurrency=replicas, num_gpus=1, num_cpus=0)
+                .iter_rows())
+    wall = time.perf_counter() - t0
+    return {"videos": sum(r["videos"] for r in rows), "wall_s": wall}
 
 
 def commit_times(work: Path, sizes: list[int], rows: int = 38, dim: int = 2048) -> list[tuple[int, float, int]]:
@@ -163,6 +191,18 @@ def main() -> None:
             busy = " ".join(f"{b:.0%}" for b in r["replica_busy"])
             print(f"{'after':<18} {replicas:>2} {r['rate']:9.2f} {r['rate'] / (replicas * single):8.2f}x "
                   f"{busy:>22} {r['decode_busy']:11.0%} {r['startup_s']:11.1f}", flush=True)
+
+        print("\n== the same stages on Ray Data (map + actor pool), wall time including start-up ==")
+        try:
+            import ray.data  # noqa: F401 - needs pandas: pip install 'ray[data]'
+        except ImportError as e:
+            print(f"skipped: Ray Data does not import here ({e}); pip install 'ray[data]'")
+        for replicas in (2, 4) if "ray.data" in sys.modules else ():
+            ours = after(refs, plane(a.seconds_per_video, replicas))
+            theirs = ray_data(refs, plane(a.seconds_per_video, replicas), replicas)
+            print(f"R = {replicas}: data plane {ours['videos'] / ours['wall_s']:6.2f} videos/s ({ours['wall_s']:.1f} s), "
+                  f"Ray Data {theirs['videos'] / theirs['wall_s']:6.2f} videos/s ({theirs['wall_s']:.1f} s); "
+                  f"{theirs['videos']} videos", flush=True)
 
         fast = a.seconds_per_video / 40
         print(f"\n== decode-bound: stand-in {fast * 1e3:.1f} ms per video, R = 4 ==")

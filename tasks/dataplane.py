@@ -189,6 +189,12 @@ class ThreadEngine:
     def is_lost(self, error: BaseException) -> bool:
         return False  # a thread does not die alone: an error here is a bug, raised
 
+    def replica_died(self, error: BaseException) -> bool:
+        return False
+
+    def stop_replica(self, rid: int) -> None:
+        pass
+
     def close(self) -> None:
         self.decoders.shutdown(wait=True, cancel_futures=True)
         for rid, thread in self.threads.items():
@@ -269,6 +275,16 @@ class RayEngine:
             return False
         return isinstance(error, self.ray.exceptions.RayError) and not isinstance(error, self.ray.exceptions.RayTaskError)
 
+    def replica_died(self, error: BaseException) -> bool:
+        """The actor itself is gone (not only a batch's frames): start another in its place."""
+        return isinstance(error, self.ray.exceptions.RayActorError)
+
+    def stop_replica(self, rid: int) -> None:
+        try:
+            self.ray.kill(self.actors.pop(rid))  # frees its GPU if the actor is still half alive
+        except (KeyError, ValueError, self.ray.exceptions.RayError):
+            pass
+
     def close(self) -> None:
         for actor in self.actors.values():
             self.ray.kill(actor)
@@ -314,6 +330,7 @@ def stream(refs: Sequence[VideoRef], plane: PlaneSpec, engine: Any, stats: Plane
         """A new replica with a new id, so late errors of the dead one stay its own."""
         stats.replicas_lost += 1
         del replicas[rid]
+        engine.stop_replica(rid)
         new = max([*replicas, *starting.values(), rid]) + 1
         replicas[new] = _Replica()
         starting[engine.start_replica(new)] = new
@@ -371,7 +388,7 @@ def stream(refs: Sequence[VideoRef], plane: PlaneSpec, engine: Any, stats: Plane
                         raise RuntimeError(f"batch starting at {key!r} was lost {MAX_ATTEMPTS} times: {e}") from e
                     todo.appendleft(chunk)  # decoded again: its frames may have gone with the node
                     stats.resent += 1
-                    if rid in replicas:  # replace it once: its other batches fail too
+                    if rid in replicas and engine.replica_died(e):  # replace it once: its other batches fail too
                         replace_lost(rid)
                     continue
                 stats.batches += 1
