@@ -256,6 +256,29 @@ def _revert_and_check(t: Path) -> list[str]:
     return problems
 
 
+_STALLED: list = []  # the listening socket of a server that accepts and never answers
+
+
+def _stalled_manifest(t: Path) -> None:
+    """A manifest naming a good video and a URL whose server never answers (a stalled network read)."""
+    import socket
+
+    _good(2)(t)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    _STALLED.append(server)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/stalled.mp4"
+    (t / "list.txt").write_text(f"videos/1.mp4\n{url}\nvideos/2.mp4\n")
+
+
+def _timed_out(t: Path) -> list[str]:
+    while _STALLED:
+        _STALLED.pop().close()
+    return _expect(t / "store", "SELECT count(*) FROM videos", [(2,)]) + _expect(
+        t / "store", "SELECT video_id, error_type, permanent FROM failures", [("stalled", "ReadTimeout", False)])
+
+
 _HOLD_LEASE = """
 import sys
 from flows.plan import extractor_record
@@ -337,6 +360,9 @@ CASES = [
          lambda t: _expect(t / "store", "SELECT count(*) FROM videos", [(2,)]) + _expect(
              t / "store", "SELECT video_id, error_type FROM failures ORDER BY 1",
              [("3", "DuplicateVideoId"), ("fifo", "NotARegularFile"), ("zero", "NotARegularFile")]), slow=True),
+    # a read that never makes progress (read timeout 60 s): a transient failure row, the rest committed
+    Case("stalled network read", ["refresh", "{root}/list.txt"], 0, r"ReadTimeout", {}, _stalled_manifest,
+         _timed_out, slow=True),
     Case("file reverted to its earlier content", ["refresh", "{videos}"], 0, r"processed", {}, _good(5),
          _revert_and_check, slow=True),
     Case("pairs file with a byte-order mark", ["train", "-i", "{root}/bom.tsv", "--epochs", "1", "-o", "{root}/run"],
