@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from mvrec.config import ENGINES
-from tasks.discover import VideoRef
+from tasks.discover import VideoRef, changed_since_hash
 from tasks.extract import Batch, DecodeOptions, Extracted, decode_one, run_model
 from tasks.lvlm import ExtractSpec, Failure, LVLMBackend, ModelInfo, VideoFeatures, VideoMeta, load_backend, \
     load_preprocessor
@@ -115,6 +115,9 @@ def decode_and_prepare(chunk: Sequence[VideoRef], plane: PlaneSpec) -> list[tupl
     for ref in chunk:
         t0 = time.perf_counter()
         video, _ = decode_one(ref, plane.opts, plane.retries, plane.retry_delay_s)
+        if not isinstance(video, Failure) and (changed := changed_since_hash(ref)):
+            # the frames may be another content than the hash the rows would be stored under
+            video = Failure(ref.video_id, ref.uri, "read", *changed.split(": ", 1), permanent=False)
         if preprocessor is not None and not isinstance(video, Failure):
             try:
                 video = preprocessor.preprocess(video)

@@ -113,6 +113,21 @@ def test_decode_failures_come_back_as_rows(clips, tmp_path):
     assert all(f.stage == "decode" for f in failures) and len(_rows(batches)) == 3
 
 
+def test_a_file_changed_after_hashing_is_not_stored_under_its_old_hash(clips, tmp_path):
+    import shutil
+
+    from tasks.discover import hash_videos
+
+    videos = [shutil.copy(c, tmp_path / c.name) for c in clips[:3]]
+    hashed, _ = hash_videos([VideoRef(video_id=Path(v).stem, uri=str(v)) for v in videos])
+    shutil.copy(clips[4], videos[1])  # swapped between the hash and the decode
+    plane = PlaneSpec("standin", ExtractSpec(model="standin:0"), OPTS, batch_size=4, replicas=1, decode_workers=1)
+    batches = list(run_plane(hashed, plane))
+    failures = [f for b, _ in batches for f in b.failures]
+    assert sorted(_rows(batches)) == ["0", "2"]
+    assert [(f.video_id, f.stage, f.error_type, f.permanent) for f in failures] == [("1", "read", "ContentChanged", False)]
+
+
 # ---------------------------------------------------------------------------------------------
 # a local multi-node Ray cluster (ray.cluster_utils.Cluster: several raylets on this machine)
 
