@@ -276,7 +276,8 @@ def _timed_out(t: Path) -> list[str]:
     while _STALLED:
         _STALLED.pop().close()
     return _expect(t / "store", "SELECT count(*) FROM videos", [(2,)]) + _expect(
-        t / "store", "SELECT video_id, error_type, permanent FROM failures", [("stalled", "ReadTimeout", False)])
+        t / "store", "SELECT video_id, permanent, error_type = 'ReadTimeout' OR message LIKE 'ReadTimeout: %' "
+                     "FROM failures", [("stalled", False, True)])
 
 
 _HOLD_LEASE = """
