@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--seconds-per-video", type=float, default=0.2, help="the stand-in's time per video")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--commit-size", type=int, default=16, help="the before loop's batch (the old flow's unit)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the decode-bound comparison")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mvrec-bench-scale")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -205,15 +206,24 @@ def main() -> None:
                   f"{theirs['videos']} videos", flush=True)
 
         fast = a.seconds_per_video / 40
-        print(f"\n== decode-bound: stand-in {fast * 1e3:.1f} ms per video, R = 4 ==")
-        r = after(refs, plane(fast, 4))
-        print(f"2 decode nodes     {r['rate']:9.2f} videos/s   replica busy "
-              f"{' '.join(f'{b:.0%}' for b in r['replica_busy'])}   decode busy {r['decode_busy']:.0%}", flush=True)
-        cluster.remove_node(decode_nodes[1])
-        r1 = after(refs, replace(plane(fast, 4), decode_workers=1))
-        print(f"1 decode node      {r1['rate']:9.2f} videos/s   replica busy "
-              f"{' '.join(f'{b:.0%}' for b in r1['replica_busy'])}   decode busy {r1['decode_busy']:.0%}")
-        print(f"adding a decode node moved the ceiling {r['rate'] / r1['rate']:.2f}x")
+        print(f"\n== decode-bound: stand-in {fast * 1e3:.1f} ms per video, R = 4; 1 and 2 decode nodes, "
+              f"alternated over {a.rounds} rounds (best of each) ==")
+        best: dict[int, dict] = {}
+        for round_no in range(a.rounds):
+            for nodes in (1, 2):
+                if nodes == 1 and len(decode_nodes) == 2:
+                    cluster.remove_node(decode_nodes.pop())
+                if nodes == 2 and len(decode_nodes) == 1:
+                    decode_nodes.append(cluster.add_node(num_cpus=1))
+                    cluster.wait_for_nodes()
+                r = after(refs, replace(plane(fast, 4), decode_workers=nodes))
+                print(f"  round {round_no + 1}: {nodes} decode node(s) {r['rate']:6.2f} videos/s   replica busy "
+                      f"{' '.join(f'{b:.0%}' for b in r['replica_busy'])}   decode busy {r['decode_busy']:.0%}",
+                      flush=True)
+                if nodes not in best or r["rate"] > best[nodes]["rate"]:
+                    best[nodes] = r
+        print(f"adding a decode node moved the ceiling {best[2]['rate'] / best[1]['rate']:.2f}x "
+              f"({best[1]['rate']:.2f} -> {best[2]['rate']:.2f} videos/s)")
     finally:
         ray.shutdown()
         cluster.shutdown()
