@@ -44,7 +44,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/processes.py: the orpha
 MVREC = str(Path(sys.executable).with_name("mvrec"))
 LAYERS = 2  # test model decoder layers: stored layers 0..2 and -1
 COMMIT = 4
-# Pause points that a refresh of this corpus reaches, with how many times each table is written.
+# Pause points that a refresh of this corpus reaches, with how many times each table may be written
+# (at most: a commit takes every result waiting, so fast results make fewer commits; a trial whose
+# pause never comes is not counted and another is drawn).
 TABLE_WRITES = {"videos": 2, "captions": 3, "hidden_states": 2, "failures": 2, "runs": 2, "extractors": 1}
 STAGES = ("before-write", "mid-write", "after-commit")
 

@@ -36,7 +36,7 @@ from mvrec.config import Config, load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
 from storage.quality import LayerNorms, gate_batch
 from tasks.dataplane import PlaneSpec, PlaneStats, in_background, run_plane, runs_on_gpu
-from tasks.discover import VideoRef, discover_videos, hash_videos
+from tasks.discover import VideoRef, discover_videos, hash_videos, is_transient
 from tasks.extract import Batch, decode_options, extract_spec
 from tasks.lvlm import Failure, ModelInfo
 
@@ -93,8 +93,10 @@ class ExtractSummary:
     def add(self, failures: list[Failure] | list[FailureRow], processed: int = 0) -> None:
         self.processed += processed
         self.failed += len(failures)
-        # A transient read error fails the run so it is retried; a model error on one video is recorded.
-        self.transient_failed += sum(f.stage == "decode" and not f.permanent for f in failures)
+        # A transient decode or read error (a stalled mount, a file changed mid-run) fails the run so it
+        # is retried; a model error on one video is recorded.
+        self.transient_failed += sum((f.stage == "decode" and not f.permanent) or
+                                     (f.stage == "read" and is_transient(f.error_type)) for f in failures)
         self.failures += [{k: getattr(f, k) for k in ("video_id", "uri", "stage", "error_type", "message")}
                           for f in failures]
 
@@ -121,13 +123,18 @@ def batch_rows(batch: Batch, refs: dict[str, VideoRef], run_id: str, extractor_i
     return rows
 
 
+def read_problem(why: str) -> tuple[str, str]:
+    """("Kind", "why") from discovery's "Kind: why"; a bare reason is Unreadable."""
+    kind, sep, message = why.partition(": ")
+    return (kind, message) if sep and kind.isidentifier() else ("Unreadable", why)
+
+
 def record_unreadable(store: FeatureStore, unreadable: list[tuple[VideoRef, str]], by_id: dict[str, VideoRef],
                       summary: ExtractSummary) -> None:
     """One failure row per file discovery or hashing could not read. Not permanent: an unreadable
     file has no content hash to be known broken by, so the planner takes it once it can be read.
     A problem found by discovery is "Kind: why" (tasks/discover.py)."""
-    failures = [Failure(ref.video_id, ref.uri, "read", *(why.split(": ", 1) if ref.problem else ("Unreadable", why)),
-                        permanent=False) for ref, why in unreadable]
+    failures = [Failure(ref.video_id, ref.uri, "read", *read_problem(why), permanent=False) for ref, why in unreadable]
     rows = ExtractionBatch(failures=failure_rows(failures, by_id, summary.run_id, summary.extractor_id))
     summary.versions.update(commit_task(store, rows))
     summary.add(failures)

@@ -117,7 +117,8 @@ def decode_and_prepare(chunk: Sequence[VideoRef], plane: PlaneSpec) -> list[tupl
         video, _ = decode_one(ref, plane.opts, plane.retries, plane.retry_delay_s)
         if not isinstance(video, Failure) and (changed := changed_since_hash(ref)):
             # the frames may be another content than the hash the rows would be stored under
-            video = Failure(ref.video_id, ref.uri, "read", *changed.split(": ", 1), permanent=False)
+            kind, _, why = changed.partition(": ")
+            video = Failure(ref.video_id, ref.uri, "read", kind, why, permanent=False)
         if preprocessor is not None and not isinstance(video, Failure):
             try:
                 video = preprocessor.preprocess(video)

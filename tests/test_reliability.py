@@ -142,7 +142,9 @@ def test_crash_torture_slice(tmp_path, no_orphans):
     # between the data files and the log entry, then rerun and checked row by row.
     torture = _bench("torture_crash")
     videos = torture.make_corpus(tmp_path, videos=5)
-    for point, nth in (("hidden_states:mid-write", 2), ("captions:after-commit", 1)):
+    # The first hidden_states commit: how many follow depends on how fast results arrive (a commit
+    # takes every result waiting), so only the first is sure to happen.
+    for point, nth in (("hidden_states:mid-write", 1), ("captions:after-commit", 1)):
         got = torture.trial(tmp_path, videos, 5, point, nth, 0.0, api_url=None)
         assert got["killed"] and got["problems"] == [] and got["orphans"] == 0, (point, got)
         assert got["abandoned"] == 1
