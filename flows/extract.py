@@ -178,39 +178,42 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
         cfg = load_config(config_path, overrides=overrides, on_gpu=True)  # batch, queue and commit sizes for a GPU
     store, record = open_store(cfg.store), extractor_record(cfg)
     extractor_id = record.extractor_id
-    run_id = store.start_run("extract-features", extractor_id=extractor_id,
-                             params={"source": source, "only_failed": only_failed, **(overrides or {})})
-    summary, stats = ExtractSummary(run_id=run_id, extractor_id=extractor_id), PlaneStats()
+    # One run per store and extractor at a time: a second one stops here, naming the owner (RunLeaseHeld).
+    with store.run_lease(extractor_id):
+        run_id = store.start_run("extract-features", extractor_id=extractor_id,
+                                 params={"source": source, "only_failed": only_failed, **(overrides or {})})
+        summary, stats = ExtractSummary(run_id=run_id, extractor_id=extractor_id), PlaneStats()
 
-    with store.failing_run(run_id):  # an exception (disk full, a bug) ends the run `failed`, not `running`
-        refs = discover_task(source)
-        hashed, unreadable = hash_task(refs)
-        todo, counts = plan_work(hashed, store.completed(extractor_id), store.failures(extractor_id),
-                                 only_failed=only_failed)
-        summary.discovered, summary.skipped_done, summary.skipped_broken = len(refs), counts["done"], counts["known_broken"]
-        log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
-                 counts["done"], counts["known_broken"], len(unreadable))
-        by_id = {ref.video_id: ref for ref in refs + hashed}
-        if unreadable:
-            record_unreadable(store, unreadable, by_id, summary)
+        with store.failing_run(run_id):  # an exception (disk full, a bug) ends the run `failed`, not `running`
+            refs = discover_task(source)
+            hashed, unreadable = hash_task(refs)
+            todo, counts = plan_work(hashed, store.completed(extractor_id), store.failures(extractor_id),
+                                     only_failed=only_failed)
+            summary.discovered = len(refs)
+            summary.skipped_done, summary.skipped_broken = counts["done"], counts["known_broken"]
+            log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),
+                     counts["done"], counts["known_broken"], len(unreadable))
+            by_id = {ref.video_id: ref for ref in refs + hashed}
+            if unreadable:
+                record_unreadable(store, unreadable, by_id, summary)
 
-        norms = LayerNorms()
-        results = run_plane(todo, plane_spec(cfg), engine=cfg.extract.engine, ray_address=cfg.extract.ray_address,
-                            stats=stats)
-        for arrived in in_background(results, min_videos=cfg.extract.commit_size):
-            commit_arrived(store, arrived, record, by_id, summary, norms)
-            summary.lvlm_batches = stats.batches
+            norms = LayerNorms()
+            results = run_plane(todo, plane_spec(cfg), engine=cfg.extract.engine, ray_address=cfg.extract.ray_address,
+                                stats=stats)
+            for arrived in in_background(results, min_videos=cfg.extract.commit_size):
+                commit_arrived(store, arrived, record, by_id, summary, norms)
+                summary.lvlm_batches = stats.batches
 
-    summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
-    summary.plane = {**stats.busy_shares(), "resent": stats.resent, "replicas_lost": stats.replicas_lost}
-    store.finish_run(run_id, status="failed" if summary.transient_failed else "completed", counts={
-        key: getattr(summary, key) for key in ("discovered", "processed", "failed", "skipped_done", "skipped_broken",
-                                               "partial", "lvlm_batches")}, stats={"norms": summary.norms})
-    publish("extract-features", extract_markdown(asdict(summary)), f"extract-features run {run_id}")
-    log.info("run %s: %d processed, %d failed, %d skipped in %.1fs", run_id, summary.processed, summary.failed,
-             summary.skipped_done + summary.skipped_broken, summary.seconds)
-    if summary.transient_failed:
-        # Fail the flow run so it can be retried (`prefect flow-run retry`); what succeeded is committed.
-        raise RuntimeError(f"{summary.transient_failed} video(s) failed with transient errors after retries; "
-                           f"run `mvrec rerun-failed` or retry this flow run")
-    return asdict(summary)
+        summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
+        summary.plane = {**stats.busy_shares(), "resent": stats.resent, "replicas_lost": stats.replicas_lost}
+        store.finish_run(run_id, status="failed" if summary.transient_failed else "completed", counts={
+            key: getattr(summary, key) for key in ("discovered", "processed", "failed", "skipped_done", "skipped_broken",
+                                                   "partial", "lvlm_batches")}, stats={"norms": summary.norms})
+        publish("extract-features", extract_markdown(asdict(summary)), f"extract-features run {run_id}")
+        log.info("run %s: %d processed, %d failed, %d skipped in %.1fs", run_id, summary.processed, summary.failed,
+                 summary.skipped_done + summary.skipped_broken, summary.seconds)
+        if summary.transient_failed:
+            # Fail the flow run so it can be retried (`prefect flow-run retry`); what succeeded is committed.
+            raise RuntimeError(f"{summary.transient_failed} video(s) failed with transient errors after retries; "
+                               f"run `mvrec rerun-failed` or retry this flow run")
+        return asdict(summary)

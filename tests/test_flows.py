@@ -247,3 +247,21 @@ def test_threads_and_a_multi_node_ray_cluster_store_the_same_rows(prefect_harnes
     assert a["captions"] == b["captions"] and sorted(a["hidden"]) == sorted(b["hidden"])
     for key, embedding in a["hidden"].items():
         np.testing.assert_allclose(b["hidden"][key], embedding, atol=1e-5, rtol=0)
+
+
+def test_a_second_run_on_the_same_store_and_extractor_stops_at_once(prefect_harness, corpus, tmp_path):
+    """The run lease: while a run holds it (here this process, as a first run would), the flow stops
+    before any work with one line naming the owner, and writes no run record."""
+    from flows.extract import extract_features
+    from storage import FeatureStore, RunLeaseHeld
+
+    videos = _videos_dir(corpus, tmp_path, 2, corrupt=False)
+    ov = _overrides(corpus, tmp_path / "store")
+    store = FeatureStore(str(tmp_path / "store"))
+    with store.run_lease(_eid(ov)):
+        state = extract_features(str(videos), overrides=ov, return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RunLeaseHeld) and str(os.getpid()) in str(error) and "\n" not in str(error)
+    assert store.read("runs").num_rows == 0
+    assert extract_features(str(videos), overrides=ov)["processed"] == 2  # the lease is free again
