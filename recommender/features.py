@@ -201,6 +201,7 @@ def load_store_features(store_path: str, extractor_id: str, items: list[str], la
         hidden[1:, k] = torch.from_numpy(fm.values)
         missing.update(fm.missing)
         del fm
+    _release_arrow_memory()  # the layers' Arrow buffers: 0.2 GB kept by the allocator at the 3B shape
     bank = FeatureBank(hidden=hidden, layers=list(layers), missing={"hidden": [i for i in ids if i in missing]},
                        snapshot={"kind": "store", "path": str(store_path), "extractor_id": extractor_id,
                                  "as_of": as_of, "versions": versions})
@@ -211,6 +212,12 @@ def load_store_features(store_path: str, extractor_id: str, items: list[str], la
         bank.missing["caption"] = cap.missing
         bank.snapshot["caption_extractor"] = caption_extractor or extractor_id
     return bank.to(dtype)  # no copy: float32 becomes a numpy view of the same memory
+
+
+def _release_arrow_memory() -> None:
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def topic_features(corpus_json: str | Path, items: list[str], layer_signal=(0.1, 0.4, 1.0, 0.6, 0.2),
