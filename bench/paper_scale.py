@@ -344,13 +344,18 @@ def project(args, write: dict, train: dict, grid: dict) -> list[str]:
              f"{epoch['one layer'] / 60:.1f}, dff {epoch['dff'] / 60:.1f} -> {cpu / 86400:.1f} days "
              f"({cpu / 3600:.0f} h)"]
     # H200 by arithmetic: bytes over HBM bandwidth plus fp32 FLOPs at peak plus a launch floor per step.
+    # A step: the full softmax (forward, and the gradients of the users and the items: 3 products of
+    # positions x items x d); a content cell adds the projection of every item (3 products of items x
+    # D x d) and reads its features: one layer, written as float32 and read back in backward; dff
+    # reads every layer twice (the mix, then its gradient).
     fb = DTYPE_BYTES[args.dtype]
     P = grid["batch_size"] * train["positions_per_user"]
     d = train["dim"]
-    softmax_flops = 3 * 2 * P * N * d
-    gpu_step = {"id": softmax_flops / H200["fp32_flops"],
-                "one layer": 3 * N * D * 4 / H200["bandwidth"] + softmax_flops / H200["fp32_flops"],
-                "dff": 2 * N * L * D * fb / H200["bandwidth"] + softmax_flops / H200["fp32_flops"]}
+    softmax_s = 3 * 2 * P * N * d / H200["fp32_flops"]
+    proj_s = 3 * 2 * N * D * d / H200["fp32_flops"]
+    gpu_step = {"id": softmax_s,
+                "one layer": (N * D * fb + 2 * N * D * 4) / H200["bandwidth"] + proj_s + softmax_s,
+                "dff": 2 * N * L * D * fb / H200["bandwidth"] + proj_s + softmax_s}
     gpu_valid = 3 * U * N * 4 / H200["bandwidth"] + 2 * U * N * d / H200["fp32_flops"]
     gpu_epoch = {k: grid["epoch_steps"] * (v + H200["step_floor_s"]) + gpu_valid for k, v in gpu_step.items()}
     gpu = sum(cells[k] * gpu_epoch[k] for k in cells) * runs
@@ -441,6 +446,7 @@ def main() -> None:
     steps = {"old": child(args, "step", dtype="float32", legacy=True), "new": child(args, "step", dtype="float32")}
     trains = {d: child(args, "train", dtype=d) for d in args.dtypes.split(",")}
     grids = {m: child(args, "grid", mode=m) for m in ("before", "after")}
+    (args.work / "results.json").write_text(json.dumps({"steps": steps, "trains": trains, "grids": grids}))
     report(args, write, steps, trains, grids)
 
 
