@@ -211,17 +211,17 @@ class ThreadEngine:
         return max(1, _cuda_count())
 
 
-_RAY_STARTED_HERE = [False]  # this process started the Ray it is connected to: stop it after the run
+_RAY_STARTED_HERE = [False]  # this process called ray.init: ray.shutdown after the run
 
 
 def connect_ray(address: str = ""):
     """The ray module, connected: to `address`, else to the cluster this process already joined,
-    else to a local instance it starts (and RayEngine.close stops)."""
+    else to a local instance it starts. RayEngine.close undoes what this did."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        _RAY_STARTED_HERE[0] = not address
+        _RAY_STARTED_HERE[0] = True  # a local instance is stopped, a joined cluster only disconnected
     return ray
 
 
