@@ -1,13 +1,14 @@
 """The study at the paper's scale, on SYNTHETIC features (issue 24).
 
-MicroLens-100K has 19,738 items and 100,000 users; a 3B Qwen2.5-VL-class LVLM gives 37 layer outputs
-of 2,048 per item (6.0 GB of float32), a 7B one 29 x 3,584 (8.2 GB). No such features exist here, so
+MicroLens-100K has 19,738 items and 100,000 users; with layers = all the store keeps L + 2 rows per
+item (the embeddings, the L decoder layers, `final`): 38 x 2,048 for a 3B Qwen2.5-VL-class LVLM
+(6.1 GB of float32), 30 x 3,584 for 7B (8.5 GB). No such features exist here, so
 this writes SYNTHETIC ones of that shape (seeded N(0, 1): no signal, so the accuracy figures mean
 nothing) into a real feature store, the way extraction writes them, and measures the recommender on
 them. Each measured phase runs in its own process, so its peak RSS is its own.
 
     python bench/paper_scale.py                                   # 3B shape
-    python bench/paper_scale.py --layers 29 --dim 3584 --dtypes bfloat16   # 7B shape
+    python bench/paper_scale.py --layers 30 --dim 3584 --dtypes bfloat16   # 7B shape
     python bench/paper_scale.py --items 500 --layers 5 --dim 64 --users 2000 --steps 5   # small, quick
 
 Prints, side by side:
@@ -21,8 +22,10 @@ Prints, side by side:
   grid       a reduced `mvrec study` (id, fuse on 2 layers, dff on all; 1 seed; --steps steps a run):
              before, each cell loads its own features (as one `mvrec train` per cell does); after,
              the cells share one loaded bank; load time as a share of the grid's wall time
-  projection the paper's full grid (cells x seeds x epochs) on this CPU, from the measured steps, and
-             on one H200 by bandwidth and FLOP arithmetic (a projection: no GPU was used)
+  projection the paper's full grid (cells x seeds x epochs) on this CPU, from the measured steps (an
+             upper bound: early stopping may end runs sooner), and on one H200 by bandwidth and
+             FLOP arithmetic (a LOWER bound: no GPU was used, peak bandwidth and FLOPs at once,
+             SASRec's own layers left out)
 """
 
 from __future__ import annotations
@@ -322,7 +325,8 @@ def child(args, phase: str, **extra) -> dict:
 
 def project(args, write: dict, train: dict, grid: dict) -> list[str]:
     """The paper's full grid: id, replace x {caption, best layer}, fuse x {caption, every layer}, dff;
-    StudyConfig's seeds and max_epochs (early stopping may end sooner: an upper bound)."""
+    StudyConfig's seeds and max_epochs. This CPU: an upper bound (early stopping may end sooner).
+    H200: a lower bound (peak bandwidth and FLOPs at once, SASRec's own layers not counted)."""
     from mvrec.config import StudyConfig
 
     study = StudyConfig()
@@ -359,7 +363,7 @@ def project(args, write: dict, train: dict, grid: dict) -> list[str]:
     gpu_valid = 3 * U * N * 4 / H200["bandwidth"] + 2 * U * N * d / H200["fp32_flops"]
     gpu_epoch = {k: grid["epoch_steps"] * (v + H200["step_floor_s"]) + gpu_valid for k, v in gpu_step.items()}
     gpu = sum(cells[k] * gpu_epoch[k] for k in cells) * runs
-    lines.append(f"  one H200 (PROJECTION, no GPU used: {H200['bandwidth'] / 1e12:.1f} TB/s, "
+    lines.append(f"  one H200 (PROJECTION, a LOWER BOUND, no GPU used: {H200['bandwidth'] / 1e12:.1f} TB/s, "
                  f"{H200['fp32_flops'] / 1e12:.0f} TFLOP/s fp32, {H200['step_floor_s'] * 1e3:.0f} ms launch floor a step): "
                  f"dff step {gpu_step['dff'] * 1e3:.2f} ms + floor, epoch {gpu_epoch['dff']:.1f} s -> "
                  f"{gpu / 3600:.1f} h for the grid ({cpu / gpu:.0f}x this CPU)")
@@ -406,7 +410,7 @@ def report(args, write: dict, steps: dict, trains: dict, grids: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=MICROLENS["items"])
-    ap.add_argument("--layers", type=int, default=37)
+    ap.add_argument("--layers", type=int, default=38, help="rows per item: L + 2 (3B: 38, 7B: 30)")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--users", type=int, default=MICROLENS["users"])
     ap.add_argument("--mean-len", type=float, default=MICROLENS["interactions"] / MICROLENS["users"])

@@ -195,9 +195,9 @@ def main() -> None:
 
         print("\n== the same stages on Ray Data (map + actor pool), wall time including start-up ==")
         try:
-            import ray.data  # noqa: F401 - needs pandas: pip install 'ray[data]'
+            import ray.data  # noqa: F401 - needs pandas: the bench extra, pip install -e '.[bench]'
         except ImportError as e:
-            print(f"skipped: Ray Data does not import here ({e}); pip install 'ray[data]'")
+            print(f"skipped: Ray Data does not import here ({e}); pip install -e '.[bench]' adds ray[data]")
         for replicas in (2, 4) if "ray.data" in sys.modules else ():
             ours = after(refs, plane(a.seconds_per_video, replicas))
             theirs = ray_data(refs, plane(a.seconds_per_video, replicas), replicas)
