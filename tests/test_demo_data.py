@@ -123,7 +123,7 @@ def test_videos_are_real_and_match_their_plan(corpora):
             stream = container.streams.video[0]
             assert stream.codec_context.name == codec_names[plan.codec]
             frames = [f for f in container.decode(video=0)]
-        fps = float(stream.average_rate)
+            fps = float(stream.average_rate)  # PyAV 18 closes the streams with their container
         assert fps == plan.fps and 12 <= fps <= 30
         assert len(frames) == plan.n_frames
         assert 2.0 <= len(frames) / fps <= 6.0
