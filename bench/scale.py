@@ -17,6 +17,7 @@ Runs, each on a fresh set of replicas (their start-up is not counted in throughp
 - commit: FeatureStore.write_batch of n videos at the 3B shape (38 rows of 2,048 float32 per video).
 
     python bench/scale.py [--videos 192] [--portrait 8] [--seconds-per-video 0.2]
+    python bench/scale.py --commit-only    # the commit path alone, in a few seconds
 """
 
 from __future__ import annotations
@@ -146,8 +147,12 @@ def main() -> None:
     ap.add_argument("--commit-size", type=int, default=16, help="the before loop's batch (the old flow's unit)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the decode-bound comparison")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mvrec-bench-scale")
+    ap.add_argument("--commit-only", action="store_true", help="only the commit path (no Ray cluster, no corpus)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.commit_only:
+        print_commit_times(a.work)
+        return
 
     import ray
     from ray.cluster_utils import Cluster
@@ -228,8 +233,13 @@ def main() -> None:
         ray.shutdown()
         cluster.shutdown()
 
-    print("\n== commit path: FeatureStore.write_batch at the 3B shape (38 rows x 2,048 float32 per video) ==")
-    for n, seconds, per_video in commit_times(a.work, [16, 64, 256]):
+    print_commit_times(a.work)
+
+
+def print_commit_times(work: Path) -> None:
+    print("\n== commit path: FeatureStore.write_batch at the 3B shape (38 rows x 2,048 float32 per video), "
+          f"the second commit into a store; load {os.getloadavg()[0]:.1f} ==")
+    for n, seconds, per_video in commit_times(work, [16, 64, 256]):
         print(f"{n:4d} videos per commit: {seconds:6.2f} s = {seconds / n * 1e3:6.1f} ms/video "
               f"({n / seconds:6.1f} videos/s); {per_video / 1024:.0f} KiB on disk per video")
 

@@ -7,6 +7,7 @@ Commands and config keys are discovered from the code, so what other changes add
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import typing
 from pathlib import Path
@@ -29,19 +30,25 @@ def prose(text: str) -> str:
     return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
 
 
-def anchors(path: Path) -> set[str]:
-    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens, -N for repeats."""
+def heading_ids(path: Path) -> list[tuple[int, str | None, str]]:
+    """Each line outside fenced code as (heading level or 0, GitHub's heading id or None, line).
+    The id: lower case, punctuation dropped, spaces to hyphens, -N for repeats."""
     seen: dict[str, int] = {}
-    out = set()
+    out = []
     for line in FENCE.sub("", path.read_text(encoding="utf-8")).splitlines():
-        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        m = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
         if not m:
+            out.append((0, None, line))
             continue
-        slug = re.sub(r"[^\w\- ]", "", m.group(1).replace("`", "").lower()).replace(" ", "-")
+        slug = re.sub(r"[^\w\- ]", "", m.group(2).replace("`", "").lower()).replace(" ", "-")
         n = seen.get(slug, 0)
         seen[slug] = n + 1
-        out.add(slug if n == 0 else f"{slug}-{n}")
+        out.append((len(m.group(1)), slug if n == 0 else f"{slug}-{n}", line))
     return out
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug for _, slug, _ in heading_ids(path) if slug}
 
 
 def links(page: Path) -> list[str]:
@@ -113,6 +120,18 @@ def test_every_config_key_is_in_the_configuration_reference(section, key):
     assert f"| `{key}` |" in m.group(1), f"{section}.{key} is not in docs/configuration.md under [{section}]"
 
 
+def test_every_gpu_default_is_in_the_configuration_reference():
+    """GPU_DEFAULTS replace embedded defaults on CUDA; each key's row says so, with the value."""
+    from mvrec.config import GPU_DEFAULTS
+
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for (section, key), value in GPU_DEFAULTS.items():
+        m = re.search(rf"^### `\[{section}\]`\n(.*?)(?=^#|\Z)", text, re.S | re.M)
+        row = re.search(rf"^\| `{key}` \|([^|]*)\|", m.group(1), re.M) if m else None
+        assert row and f"{value} on CUDA" in row.group(1), \
+            f"docs/configuration.md, [{section}] {key}: the default column does not say '{value} on CUDA'"
+
+
 # Patterns built in pieces so that this file does not match itself.
 OUTSIDE = [re.escape(p) for p in ("../" + "shared", "ARCHITECTURE" + ".md", "PAPER" + ".md")] + [
     r"(?<![\w.])/" + "work/", r"(?<![\w.~])/" + "root/"]
@@ -157,3 +176,146 @@ def test_the_store_page_states_the_schema_the_code_writes():
     for name, spec in ALL_TABLES.items():
         missing = [c for c in spec.schema.names if not re.search(rf"\b{c}\b", rows.get(name, ""))]
         assert not missing, f"docs/store.md, table {name}: no column {missing}"
+
+
+# --- figures: docs/benchmarks.md's rule (stated at its top) ---------------------------------------
+
+FIGURES_PAGES = ("benchmarks.md", "results.md")  # pages of dated figures that others quote
+DATE = re.compile(r"(?<![\d-])(\d{4}-\d\d-\d\d)(?![\d-])")
+NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
+# A figure: a number (or a range of two) with a unit. "2-core", "x86_64" and dates are not figures.
+FIGURE = re.compile(rf"(?<![\w.,/-])({NUMBER})(?:\s?[–-]\s?({NUMBER}))?\s?"
+                    r"(%|×|x(?=[\s,;).])|ms\b|s\b|min\b|h\b|days?\b|[KMGT]i?B\b|TB/s|TFLOP/s|videos/s|cores?\b)")
+BENCH_PATH = re.compile(r"(?<![\w/.])bench/[a-z0-9_./-]+\.(?:py|sh)\b")  # lower case: bench/NAME.py is a placeholder
+
+
+def own_sections(page: Path) -> list[tuple[str, str]]:
+    """(heading line, its own text up to the next heading of any level) for levels 2 and below."""
+    out: list[tuple[int, str, list[str]]] = []
+    for level, slug, line in heading_ids(page):
+        if slug:
+            out.append((level, line.strip(), []))
+        elif out:
+            out[-1][2].append(line)
+    return [(head, "\n".join(body)) for level, head, body in out if level >= 2]
+
+
+def make_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    return {t for line in re.findall(r"^([\w .-]+):(?!=)", text, re.M) for t in line.split()}
+
+
+def source_problems(text: str, today: datetime.date) -> list[str]:
+    """What a section that gives figures lacks: its date, and what printed them."""
+    problems = []
+    dates = DATE.findall(text)
+    if not dates:
+        problems.append("no date (YYYY-MM-DD)")
+    for d in dates:
+        try:
+            if datetime.date.fromisoformat(d) > today:
+                problems.append(f"date {d} is after today")
+        except ValueError:
+            problems.append(f"{d} is not a date")
+    benches = BENCH_PATH.findall(text)
+    missing = [b for b in benches if not (ROOT / b).exists()]
+    problems += [f"{b} does not exist" for b in missing]
+    commands = {c[0] for c in registered_commands()}
+    named = [b for b in benches if b not in missing]
+    named += [t for t in re.findall(r"`make ([\w-]+)", text) if t in make_targets()]
+    named += [c for c in re.findall(r"`mvrec ([\w-]+)", text) if c in commands]
+    if not named:
+        problems.append("names no existing bench/NAME.py, `make TARGET` or `mvrec COMMAND` that printed its figures")
+    return problems
+
+
+def undated_sections(page: Path, today: datetime.date) -> list[str]:
+    return [f"{page.name}, '{head}': {'; '.join(problems)}"
+            for head, body in own_sections(page)
+            if FIGURE.search(prose(body)) and (problems := source_problems(body, today))]
+
+
+def test_every_benchmark_section_names_its_date_and_what_printed_it():
+    bad = undated_sections(ROOT / "docs" / "benchmarks.md", datetime.date.today())
+    assert not bad, "docs/benchmarks.md breaks the rule at its top:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_named_bench_exists(page):
+    missing = sorted({b for b in BENCH_PATH.findall(page.read_text(encoding="utf-8")) if not (ROOT / b).exists()})
+    assert not missing, f"{page.relative_to(ROOT)} names benches that do not exist: {missing}"
+
+
+def anchored_sections(page: Path) -> dict[str, str]:
+    """Heading id -> the section's text with its subsections (what a link to #id points at)."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for level, slug, line in heading_ids(page):
+        if slug:
+            stack = [(lvl, s) for lvl, s in stack if lvl < level] + [(level, slug)]
+            out[slug] = ""
+            continue
+        for _, s in stack:
+            out[s] += line + "\n"
+    return out
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in re.findall(NUMBER, text)]
+
+
+def quoted_as_given(quoted: str, given: list[float]) -> bool:
+    """The quoted number is one the section gives, to the quoted precision (rounding aside)."""
+    decimals = len(quoted.partition(".")[2])
+    q = float(quoted.replace(",", ""))
+    return any(abs(g - q) <= 0.5 * 10 ** -decimals + 1e-9 for g in given)
+
+
+def blocks(text: str) -> list[str]:
+    """Paragraphs, list items and table rows: the unit a link and its figures share."""
+    return [b for b in re.split(r"\n\s*\n|\n(?=\s*(?:[-*|]|\d+\.)\s)", FENCE.sub("", text)) if b.strip()]
+
+
+def misquoted_figures(page: Path, pages: dict[str, dict[str, str]]) -> list[str]:
+    bad = []
+    for block in blocks(page.read_text(encoding="utf-8")):
+        targets = re.findall(r"\]\((?:docs/)?(" + "|".join(map(re.escape, pages)) + r")#([\w-]+)\)", block)
+        if not targets:
+            continue
+        given = [n for name, anchor in targets for n in numbers(pages[name].get(anchor, ""))]
+        text = re.sub(r"\[[^\]]*\]\([^)]*\)", "", block)  # link texts and targets hold no figures
+        for m in FIGURE.finditer(re.sub(r"`[^`\n]*`", "", text)):
+            wrong = [n for n in m.group(1, 2) if n and not quoted_as_given(n, given)]
+            if wrong:
+                where = ", ".join(f"{name}#{anchor}" for name, anchor in targets)
+                bad.append(f"{page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name}: "
+                           f"'{m.group(0)}' is not in {where}")
+    return bad
+
+
+def figure_pages() -> dict[str, dict[str, str]]:
+    return {name: anchored_sections(ROOT / "docs" / name) for name in FIGURES_PAGES}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in FIGURES_PAGES],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_figures_quoted_next_to_a_benchmark_link_are_the_benchmarks(page):
+    bad = misquoted_figures(page, figure_pages())
+    assert not bad, "figures that differ from the section they link to:\n" + "\n".join(bad)
+
+
+def test_the_figure_checks_see_an_undated_section_and_a_misquoted_figure(tmp_path):
+    bench = tmp_path / "benchmarks.md"
+    bench.write_text("# B\n\n## Dated\n\n2026-12-01, `bench/scale.py`: 9.39 videos/s, 0.41–0.62 s.\n\n"
+                     "## Undated\n\n`bench/scale.py`: 12% faster.\n\n## Future\n\n2999-01-01, `make test`: 3 min.\n\n"
+                     "## Unprinted\n\n2026-12-01, by hand: 7 s.\n\n## Gone\n\n2026-12-01, `bench/nope.py`: 5 s.\n\n"
+                     "## No figures\n\nProse only.\n")
+    bad = undated_sections(bench, datetime.date(2026, 12, 7))
+    assert [b.split("'")[1] for b in bad] == ["## Undated", "## Future", "## Unprinted", "## Gone"]
+    assert "after today" in bad[1] and "bench/nope.py does not exist" in bad[3]
+    page = tmp_path / "gpu.md"
+    page.write_text("A commit of 256 took 0.48 s ([b](benchmarks.md#dated)).\n\n"
+                    "- rate 9.4 videos/s and 0.4–0.6 s ([b](benchmarks.md#dated))\n"
+                    "- 12% faster, not linked, not checked\n")
+    assert misquoted_figures(page, {"benchmarks.md": anchored_sections(bench)}) == [
+        "gpu.md: '0.48 s' is not in benchmarks.md#dated"]
