@@ -37,13 +37,14 @@ def test_dry_run_at_tiny_shape(tmp_path):
         d = report["decode"][subset]
         assert d["videos"] >= 1 and d["frames"] >= 2 * d["videos"] and d["videos_per_cpu_s"] > 0
     assert report["errors"] == []
+    assert report["matmul_tflops"] > 0  # the device's own dense matmul rate, measured by the check
     runs = report["runs"]
     assert [r["new_tokens"] for r in runs] == [16, 0]
     for r in runs:
         assert r["videos"] == 8 and r["failures"] == 1  # --tiny adds a file that is not a video
         assert r["layers_pooled"] == r["num_layers"] + 2  # embeddings, every layer, final norm
         assert r["prompt_tokens"] > 0 and r["padded_tokens"] >= r["prompt_tokens"]
-        assert 0 < r["mfu_model"] < 1 and 0 < r["mfu_wall"] <= r["mfu_model"]
+        assert 0 < r["mfu_model"] < 1 and 0 < r["mfu_wall"] <= r["mfu_model"] and r["of_matmul_model"] > 0
         assert r["videos_per_s"] > 0 and r["cores_needed"] > r["decode_cores_needed"] > 0
         assert 0 < r["busy_bound_collate"] < 1 and r["preprocess_s_per_video"] > 0  # the processor ran on decode workers
     assert runs[0]["tflop"]["decode"] > 0 and runs[1]["tflop"]["decode"] == 0
