@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing as mp
+import threading
 import time
 
 import numpy as np
@@ -85,3 +86,39 @@ def test_store_on_s3_roundtrip(s3_options):
     stats = store.compact(retention_hours=0)
     assert stats["hidden_states"]["version_after"] >= stats["hidden_states"]["version_before"]
     assert store.layer_matrix("e", 0, ["v9"], as_of="one", strict=False).missing == ["v9"]
+
+
+def test_concurrent_commits_with_conditional_put(s3_options, monkeypatch, tmp_path):
+    """aws_conditional_put = "etag" (what docs/store.md advises for MinIO or R2): a writer that read
+    the table before another writer committed must not overwrite that commit's log entry. Writer A
+    is held after its read (the before-write pause point) while B commits; then A goes on. Put-if-
+    absent makes A's log entry collide with B's, so A commits after it and both keep their rows."""
+    options = {**s3_options, "aws_conditional_put": "etag"}
+    store = FeatureStore(f"s3://{BUCKET}/conditional", options)
+
+    def batch(prefix: str) -> ExtractionBatch:
+        return ExtractionBatch(
+            videos=[VideoRow(f"{prefix}{i}", f"s3://{BUCKET}/videos/{prefix}{i}.mp4", f"sha{prefix}{i}") for i in range(3)],
+            hidden_states=[HiddenStateRow(f"{prefix}{i}", f"sha{prefix}{i}", "e", k, np.full(8, i, np.float32))
+                           for i in range(3) for k in (0, -1)])
+
+    store.write_batch(batch("first"))
+    marker = tmp_path / "paused"
+    monkeypatch.setenv("MVREC_TEST_PAUSE_AT", "hidden_states:before-write")
+    monkeypatch.setenv("MVREC_TEST_PAUSE_FILE", str(marker))
+    versions = {}
+    writer = threading.Thread(target=lambda: versions.update(a=store.write_batch(batch("a"))["hidden_states"]))
+    writer.start()
+    while not marker.exists():  # A has read the table and waits before writing
+        assert writer.is_alive(), "writer A finished without pausing"
+        time.sleep(0.01)
+    monkeypatch.delenv("MVREC_TEST_PAUSE_AT")  # B, in this thread, does not pause
+    versions["b"] = FeatureStore(f"s3://{BUCKET}/conditional", options).write_batch(batch("b"))["hidden_states"]
+    marker.unlink()
+    writer.join(timeout=120)
+    assert not writer.is_alive() and "a" in versions, "writer A did not finish"
+    assert versions["a"] > versions["b"]  # A's commit went after B's instead of over it
+    done = FeatureStore(f"s3://{BUCKET}/conditional", options).completed("e")
+    assert done == {(f"{p}{i}", f"sha{p}{i}") for p in ("first", "a", "b") for i in range(3)}
+    with connect(f"s3://{BUCKET}/conditional", storage_options=options) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT (video_id, layer)) FROM hidden_states").fetchone() == (18, 18)
