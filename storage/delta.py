@@ -30,6 +30,11 @@ from storage.arrow import key_strings, to_arrow
 from storage.schema import ALL_TABLES, SCHEMA_VERSION, TS, TableSpec, parse_schema_version, table_description
 
 COMMIT_RETRIES = 8  # optimistic-concurrency retries when another writer committed first
+# Distinct values of a table's leading key column (video_id) per commit. The replace-where
+# predicate lists every key value; deltalake 1.6.6 segfaults parsing one of ~60k literals
+# (30,000 caption keys) and takes seconds at 20k. A larger write is split into commits of this
+# many videos, each with all of its videos' rows (tests/test_store.py writes 100,000 keys).
+MAX_KEYS_PER_COMMIT = 8192
 
 
 class StoreNotWritableError(PermissionError):
@@ -247,6 +252,24 @@ class DeltaTables:
     def replace_keys(self, spec: TableSpec, data: pa.Table,
                      combine: Callable[[pa.Table, pa.Table], pa.Table] | None = None,
                      delete_only: bool = False) -> int:
+        """Upsert (or delete) `data`'s keys and return the new version: one commit per
+        MAX_KEYS_PER_COMMIT values of the leading key column (usually exactly one commit; see
+        `replace_keys_once`). Every row of one leading key (all layers and contents of a video)
+        is in the same commit, so a video is complete or absent; a crash part way through a
+        split write leaves the earlier commits, and writing again is idempotent."""
+        lead = next((k for k in spec.key if k not in spec.partition_by), spec.key[0])
+        values = pc.unique(data.column(lead)) if data.num_rows else pa.array([])
+        if len(values) <= MAX_KEYS_PER_COMMIT:
+            return self.replace_keys_once(spec, data, combine, delete_only)
+        version = -1
+        for start in range(0, len(values), MAX_KEYS_PER_COMMIT):
+            part = data.filter(pc.is_in(data.column(lead), value_set=values[start:start + MAX_KEYS_PER_COMMIT]))
+            version = self.replace_keys_once(spec, part, combine, delete_only)
+        return version
+
+    def replace_keys_once(self, spec: TableSpec, data: pa.Table,
+                          combine: Callable[[pa.Table, pa.Table], pa.Table] | None = None,
+                          delete_only: bool = False) -> int:
         """Upsert (or delete) `data`'s keys in ONE Delta commit and return the new version.
 
         The commit is a replace-where: `write_deltalake(mode="overwrite", predicate=P)` removes

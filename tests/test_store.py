@@ -645,3 +645,31 @@ def test_two_writer_processes_and_a_reader_stay_consistent(tmp_path):
     spec.loader.exec_module(torture)
     got = torture.trial(tmp_path / "t", videos=16, batch=4, shared=2, readers=1)
     assert got["problems"] == [] and got["orphans"] == 0 and got["reads"] >= 1
+
+
+@pytest.mark.slow
+def test_one_upsert_call_of_100000_keys_commits_in_bounded_commits(tmp_path):
+    """A backfill or a lagging commit group can hand the store any number of rows in one call:
+    deltalake segfaults on a replace-where of ~30,000 keys, so the call is split by video into
+    commits of at most MAX_KEYS_PER_COMMIT videos, each with all of its videos' rows."""
+    import pyarrow as pa
+
+    from storage.delta import MAX_KEYS_PER_COMMIT
+
+    n = 100_000
+    store = FeatureStore(tmp_path / "store")
+    ids = [f"v{i:06d}" for i in range(n)]
+    rows = pa.table({"video_id": ids, "content_sha256": [f"{i:064x}" for i in range(n)],
+                     "extractor_id": ["e"] * n, "caption": [f"caption {i}" for i in range(n)]})
+    before = store.table("captions").version()
+    store.upsert_captions(rows)
+    commits = store.table("captions").version() - before
+    assert commits == -(-n // MAX_KEYS_PER_COMMIT)
+    stored = store.read("captions", columns=["video_id", "caption"])
+    assert stored.num_rows == n and len(set(stored.column("video_id").to_pylist())) == n
+    # Again for 20,000 of them (three commits), with new captions: an exact upsert, one row per key.
+    again = rows.slice(40_000, 20_000)
+    store.upsert_captions(again.set_column(3, "caption", pa.array([f"new {i}" for i in range(20_000)])))
+    stored = store.read("captions", columns=["video_id", "caption"])
+    assert stored.num_rows == n and len(set(stored.column("video_id").to_pylist())) == n
+    assert sum(c.startswith("new ") for c in stored.column("caption").to_pylist()) == 20_000
