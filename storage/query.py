@@ -50,7 +50,8 @@ from storage.runs import owner_fields, process_gone
 from storage.sql_guard import QueryError, ReadOnlyError, check_reach, check_read_only, first_line, one_line_errors
 from storage.store import FeatureStore
 
-__all__ = ["QueryError", "ReadOnlyError", "check_read_only", "ReadOnlyConnection", "connect", "top_k_similar"]
+__all__ = ["HISTORY_VIEWS", "QueryError", "ReadOnlyError", "check_read_only", "ReadOnlyConnection", "connect",
+           "top_k_similar"]
 
 # Partition values written into a hive path verbatim by Delta (no escaping involved).
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -135,6 +136,36 @@ def _sql_str(v: str) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
+# Tables that hold a row per content version of a video. Their plain name shows the current
+# content only (the one Python readers are served: FeatureStore.served); every version is under
+# <name>_history. Value: the columns within which one content is chosen.
+HISTORY_VIEWS = {"videos": "videos_history", "captions": "captions_history", "hidden_states": "hidden_states_history"}
+_CURRENT_PER = {"videos": ("video_id",), "captions": ("video_id", "extractor_id"),
+                "hidden_states": ("video_id", "extractor_id", "layer")}
+
+
+def current_view_sql(name: str) -> str:
+    """The view of one content per video over `<name>_history`: among the content versions the
+    table has rows for (per _CURRENT_PER), the one whose `videos` row was seen last, ties by
+    sha (a version without a videos row only when none has one), as FeatureStore.served picks.
+
+    The choice is an aggregate over key columns only, joined back with an inner join (a semi
+    join would not take the query's filters), so a filter on extractor_id / layer prunes the
+    files of both scans and no embedding passes through the aggregate."""
+    cols = ", ".join(f'h."{c}"' for c in ALL_TABLES[name].schema.names)
+    if name == "videos":
+        return (f"CREATE VIEW videos AS SELECT {cols} FROM videos_history h QUALIFY row_number() OVER "
+                "(PARTITION BY video_id ORDER BY last_seen DESC NULLS LAST, content_sha256 DESC) = 1")
+    per = ", ".join(_CURRENT_PER[name])
+    return f"""CREATE VIEW {name} AS SELECT {cols} FROM {name}_history h JOIN (
+        SELECT {", ".join(f"k.{c}" for c in _CURRENT_PER[name])}, arg_max(k.content_sha256, (v.video_id IS NOT NULL,
+               coalesce(v.last_seen, '-infinity'::TIMESTAMPTZ), k.content_sha256)) AS content_sha256
+        FROM {name}_history k
+        LEFT JOIN videos_history v ON v.video_id = k.video_id AND v.content_sha256 = k.content_sha256
+        GROUP BY {", ".join(f"k.{c}" for c in _CURRENT_PER[name])}
+    ) served USING ({per}, content_sha256)"""
+
+
 class ReadOnlyConnection:
     """A DuckDB connection with one view per store table; runs read-only statements only.
 
@@ -166,13 +197,16 @@ class ReadOnlyConnection:
             version = pinned.get(name) if pinned and name != "snapshots" else None
             dt = store.table(name, version)
             self.versions[name] = dt.version()
+            view = HISTORY_VIEWS.get(name, name)  # the three current views are made below
             files = self._native_files(name, dt)
             if files is not None:
-                self._con.execute(self._parquet_view(name, files))
+                self._con.execute(self._parquet_view(name, files, view))
                 self.native[name] = len(files)
                 allowed.extend(files)
             else:
-                self._register_arrow(name, dt)
+                self._register_arrow(name, dt, view)
+        for name in HISTORY_VIEWS:
+            self._con.execute(current_view_sql(name))
         self.versions = {name: self.versions[name] for name in ALL_TABLES}
         # Lock down. DuckDB may read the pinned data files named above and nothing else.
         self._con.execute("SET parquet_metadata_cache = true")
@@ -205,23 +239,23 @@ class ReadOnlyConnection:
                 return None
         return [p for p, _ in files]
 
-    def _parquet_view(self, name: str, files: list[str]) -> str:
+    def _parquet_view(self, name: str, files: list[str], view: str) -> str:
         spec = ALL_TABLES[name]
         opts = ""
         if spec.partition_by:
             types = ", ".join(f"{_sql_str(k)}: {_DUCK_TYPES[spec.schema.field(k).type]}" for k in spec.partition_by)
             opts = f", hive_partitioning = true, hive_types = {{{types}}}"
         cols = ", ".join(f'"{c}"' for c in spec.schema.names)
-        return (f'CREATE VIEW "{name}" AS SELECT {cols} FROM read_parquet('
+        return (f'CREATE VIEW "{view}" AS SELECT {cols} FROM read_parquet('
                 f"[{', '.join(_sql_str(f) for f in files)}]{opts})")
 
-    def _register_arrow(self, name: str, dt) -> None:
+    def _register_arrow(self, name: str, dt, view: str) -> None:
         spec = ALL_TABLES[name]
         have = {f.name for f in dt.schema().fields}
         if all(c in have for c in spec.schema.names):
-            self._con.register(name, dt.to_pyarrow_dataset())
+            self._con.register(view, dt.to_pyarrow_dataset())
         else:  # a table of an older schema (read-only access does not upgrade it): NULL columns
-            self._con.register(name, conform(name, dt.to_pyarrow_table()))
+            self._con.register(view, conform(name, dt.to_pyarrow_table()))
 
     def check(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> None:
         """Raise ReadOnlyError unless `query` may run here (storage/sql_guard.py); runs nothing."""
@@ -255,9 +289,10 @@ class ReadOnlyConnection:
             return Batches(self._con.sql(query, params=params).to_arrow_reader(rows))
 
     def views(self) -> dict[str, list[tuple[str, str]]]:
-        """{view: [(column, DuckDB type), ...]} for every store table."""
+        """{view: [(column, DuckDB type), ...]} for every store table, each followed by its
+        `_history` view where it has one."""
         out: dict[str, list[tuple[str, str]]] = {}
-        for name in ALL_TABLES:
+        for name in [v for t in ALL_TABLES for v in (t, HISTORY_VIEWS.get(t)) if v]:
             rel = self._con.sql(f'SELECT * FROM "{name}" LIMIT 0')
             out[name] = [(c, str(t)) for c, t in zip(rel.columns, rel.types, strict=True)]
         return out
@@ -284,9 +319,11 @@ class ReadOnlyConnection:
         if files is not None and sum(os.path.getsize(p) for p, _ in files) > self.topk_cache_bytes:
             return None
         t = self.store.scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": int(layer)},
-                             ["video_id", "embedding"])
+                             ["video_id", "content_sha256", "embedding"])
         if t.column("embedding").null_count:
             t = t.filter(pc.is_valid(t.column("embedding")))
+        if t.num_rows and pc.count_distinct(t.column("video_id")).as_py() != t.num_rows:
+            t = self._current_rows(t, extractor_id, layer)
         what = f"hidden_states[{extractor_id}, layer {layer}]"
         blocks = [vector_rows(c, what) for c in t.column("embedding").chunks if len(c)]
         if not blocks:
@@ -310,6 +347,15 @@ class ReadOnlyConnection:
         self._con.register(name, pa.table({"video_id": t.column("video_id"), "embedding": emb}))
         self._topk[key] = (name, d, nbytes)
         return name, d
+
+    def _current_rows(self, t: pa.Table, extractor_id: str, layer: int) -> pa.Table:
+        """The rows of `t` (one layer, several contents of some videos) that the current
+        `hidden_states` view shows: one content per video."""
+        keys = self._con.execute("SELECT video_id || chr(0) || content_sha256 FROM hidden_states "
+                                 "WHERE extractor_id = ? AND layer = ?", [extractor_id, int(layer)]).fetchall()
+        want = pa.array([k for (k,) in keys], pa.string())
+        have = pc.binary_join_element_wise(t.column("video_id"), t.column("content_sha256"), "\x00")
+        return t.filter(pc.is_in(have, value_set=want))
 
     def top_k_similar(self, video_id: str, extractor_id: str, layer: int, k: int = 10) -> list[tuple[str, float]]:
         """The k videos most similar to `video_id` by cosine of one layer's embedding, in SQL.

@@ -6,13 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage import FeatureStore, HiddenStateRow, ReadOnlyError, check_read_only, connect
+from storage import (CaptionRow, ExtractionBatch, FeatureStore, HiddenStateRow, ReadOnlyError, VideoRow,
+                     check_read_only, connect)
+from storage.query import HISTORY_VIEWS
 from storage.schema import ALL_TABLES
+
+VIEWS = sorted([*ALL_TABLES, *HISTORY_VIEWS.values()])
 
 D = 32
 
@@ -70,7 +75,7 @@ def test_refused_and_not_executed(store, tmp_path, kind):
         # Nothing happened: the views are intact, nothing was created, no file was written.
         assert con.execute("SELECT count(*) FROM hidden_states").fetchone() == (60,)
         assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchone() == (0,)
-        assert sorted(con.views()) == sorted(ALL_TABLES)
+        assert sorted(con.views()) == VIEWS
     assert not any(p.name in ("copied.csv", "attached.duckdb", "exported") for p in tmp_path.iterdir())
     assert store.table("hidden_states").to_pyarrow_dataset().count_rows() == 60
 
@@ -110,11 +115,13 @@ def test_connection_itself_cannot_reach_outside(store, tmp_path):
 def test_schema_lists_every_view_with_types(store):
     with connect(store) as con:
         views = con.views()
-    assert set(views) == set(ALL_TABLES)
+    assert sorted(views) == VIEWS
     assert views["hidden_states"] == [("video_id", "VARCHAR"), ("content_sha256", "VARCHAR"),
                                       ("extractor_id", "VARCHAR"), ("layer", "INTEGER"), ("embedding", "FLOAT[]")]
     for name, spec in ALL_TABLES.items():
         assert [c for c, _ in views[name]] == spec.schema.names
+    for name, history in HISTORY_VIEWS.items():
+        assert views[history] == views[name]
     assert dict(views["runs"])["counts"] == "MAP(VARCHAR, BIGINT)"
 
 
@@ -144,6 +151,85 @@ def test_connect_as_of_a_tag(store):
     with pytest.raises(FileNotFoundError):
         connect(store.root + "-nothing")
 
+
+
+# --- current content by default, every content under <table>_history ----------------------------
+
+def _content(video: str, sha: str, value: float, seen: datetime) -> ExtractionBatch:
+    """One video's content as a run writes it: its videos row, caption and two layers."""
+    return ExtractionBatch(videos=[VideoRow(video, f"/data/{video}.mp4", sha, 10, first_seen=seen, last_seen=seen)],
+                           captions=[CaptionRow(video, sha, "e", f"caption {sha}", "m", np.full(4, value, np.float32))],
+                           hidden_states=[HiddenStateRow(video, sha, "e", k, np.full(D, value, np.float32))
+                                          for k in (0, 3)])
+
+
+@pytest.fixture()
+def reverted(tmp_path) -> FeatureStore:
+    """v1: A, then B, then A again (extracted again); v2: one content plus rows of a content with
+    no videos row; v3: only rows without a videos row. Tags at A and at B."""
+    st = FeatureStore(tmp_path / "reverted")
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    st.write_batch(_content("v1", "shaA", 1.0, t0))
+    st.write_batch(_content("v2", "shaX", 7.0, t0))
+    st.upsert_hidden_states([HiddenStateRow("v2", "shaZ", "e", k, np.full(D, 9.0)) for k in (0, 3)])
+    st.upsert_hidden_states([HiddenStateRow("v3", "shaO", "e", 0, np.full(D, 3.0))])
+    st.tag("at-A")
+    st.write_batch(_content("v1", "shaB", 5.0, t0 + timedelta(days=1)))
+    st.tag("at-B")
+    st.write_batch(_content("v1", "shaA", 1.0, t0 + timedelta(days=2)))
+    return st
+
+
+def _served_by_python(st: FeatureStore, as_of) -> dict:
+    """What the Python readers give for v1 and v2: {(table, layer): [first value per video]}."""
+    out = {(f"layer {k}", k): st.layer_matrix("e", k, ["v1", "v2"], as_of=as_of).values[:, 0].tolist() for k in (0, 3)}
+    out[("captions", None)] = st.caption_matrix("e", ["v1", "v2"], as_of=as_of).values[:, 0].tolist()
+    return out
+
+
+@pytest.mark.parametrize("as_of, v1", [(None, ("shaA", 1.0)), ("at-B", ("shaB", 5.0)), ("at-A", ("shaA", 1.0))])
+def test_sql_shows_the_content_python_readers_are_served_after_a_revert(reverted, as_of, v1):
+    sha, value = v1
+    with connect(reverted, as_of=as_of) as con:
+        hs = con.execute("SELECT video_id, content_sha256, layer, embedding[1] FROM hidden_states ORDER BY ALL").fetchall()
+        assert hs == [("v1", sha, 0, value), ("v1", sha, 3, value), ("v2", "shaX", 0, 7.0), ("v2", "shaX", 3, 7.0),
+                      ("v3", "shaO", 0, 3.0)]
+        caps = con.execute("SELECT video_id, content_sha256, caption, text_embedding[1] FROM captions ORDER BY 1").fetchall()
+        assert caps == [("v1", sha, f"caption {sha}", value), ("v2", "shaX", "caption shaX", 7.0)]
+        assert con.execute("SELECT video_id, content_sha256 FROM videos ORDER BY 1").fetchall() == [
+            ("v1", sha), ("v2", "shaX")]
+        python = _served_by_python(reverted, as_of)
+        assert python == {("layer 0", 0): [value, 7.0], ("layer 3", 3): [value, 7.0], ("captions", None): [value, 7.0]}
+        # The history views keep every content the pinned versions hold.
+        versions = 1 if as_of == "at-A" else 2  # v1's contents
+        assert con.execute("SELECT count(*) FROM hidden_states_history").fetchone() == (2 * versions + 4 + 1,)
+        assert con.execute("SELECT count(*) FROM captions_history").fetchone() == (versions + 1,)
+        assert con.execute("SELECT count(DISTINCT content_sha256) FROM videos_history").fetchone() == (versions + 1,)
+        # top-k (the in-memory layer and the view) sees one content per video too.
+        for k in (con.top_k_similar("v2", "e", 0, k=5), con.top_k_similar("v2", "e", 3, k=5)):
+            assert sorted(v for v, _ in k) == (["v1", "v3"] if len(k) == 2 else ["v1"])
+
+
+def test_current_view_filters_reach_every_scan(reverted):
+    """The bench's fixed query: the layer / extractor filter prunes the files of every scan of
+    hidden_states (no scan of other layers, no aggregate over them)."""
+    def scans(node):
+        if isinstance(node, dict):
+            info = node.get("extra_info") or {}
+            if isinstance(info, dict) and str(info.get("Function", "")).upper() == "READ_PARQUET":
+                yield info
+            for child in node.get("children") or []:
+                yield from scans(child)
+        elif isinstance(node, list):
+            for child in node:
+                yield from scans(child)
+
+    sql = "SELECT count(*), avg(list_extract(embedding, 1)) FROM hidden_states WHERE layer = 3 AND extractor_id = ?"
+    with connect(reverted) as con:
+        assert con.execute(sql, ["e"]).fetchone() == (2, 4.0)
+        plan = json.loads(con._con.execute("EXPLAIN (FORMAT json) " + sql, ["e"]).fetchall()[0][1])
+    found = list(scans(plan))
+    assert len(found) == 2 and all("layer = 3" in str(s.get("File Filters")) for s in found)
 
 # --- the CLI ------------------------------------------------------------------------------------
 
@@ -189,9 +275,12 @@ def test_cli_query_refuses_with_one_line_and_exit_2(store, capsys):
 def test_cli_query_schema(store, capsys):
     code, out, _ = _mvrec(["query", "--schema"], store, capsys)
     assert code == 0
-    for name in ALL_TABLES:
+    for name in VIEWS:
         assert name in out
     assert "embedding" in out and "FLOAT[]" in out and "partition" in out
+    assert "hidden_states_history  (v" in out and "every content)" in out
+    code, out, _ = _mvrec(["query", "SELECT count(*) AS n FROM hidden_states_history", "-f", "csv"], store, capsys)
+    assert code == 0 and out.splitlines() == ["n", "60"]
 
 
 def test_cli_store_tag_snapshots_compact(store, capsys):

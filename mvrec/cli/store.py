@@ -106,15 +106,18 @@ def _check_out(out: Path, store_path: str) -> None:
 
 
 def _print_schema(con) -> None:
+    from storage.query import HISTORY_VIEWS
     from storage.schema import ALL_TABLES, SCHEMA_VERSION
 
     for name, cols in con.views().items():
-        t = Table(title=f"{name}  (v{SCHEMA_VERSION}, table version {con.versions[name]})",
+        table = name.removesuffix("_history")
+        what = "every content" if name != table else "current content" if name in HISTORY_VIEWS else ""
+        t = Table(title=f"{name}  (v{SCHEMA_VERSION}, table version {con.versions[table]}{', ' + what if what else ''})",
                   title_justify="left", show_header=True)
         t.add_column("column")
         t.add_column("type")
         t.add_column("key")
-        spec = ALL_TABLES[name]
+        spec = ALL_TABLES[table]
         for c, ty in cols:
             mark = "key" if c in spec.key else ""
             if c in spec.partition_by:
