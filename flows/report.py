@@ -48,6 +48,9 @@ def extract_markdown(summary: dict) -> str:
     text += (f"Extractor `{summary.get('extractor_id', '')}` · {seconds:.1f} s · "
              f"**{rate:.2f} videos/s** ({summary.get('lvlm_batches', 0)} model batches)\n\n")
     text += _counts(summary)
+    note = (summary.get("plane") or {}).get("note")
+    if note:  # fewer model replicas than asked for
+        text += f"\n**Placement:** {note}\n"
     groups = failure_groups(summary.get("failures") or [])
     text += "\n## Failures by stage and error type\n\n"
     text += _table(["stage", "error type", "videos", f"first {FIRST_PATHS} paths"],
@@ -77,6 +80,7 @@ def refresh_markdown(result: dict) -> str:
                  if ext.get("run_id") else "Nothing new to extract: no extraction run.\n\n")
         text += _counts(ext)
     text += f"\nCaption vectors added: {result.get('captions_embedded', 0)}\n"
+    text += maintenance_markdown(result.get("maintenance"))
     test = (result.get("train") or {}).get("test") or {}
     if test:
         metrics = sorted({m for v in test.values() for m in v})
@@ -84,6 +88,21 @@ def refresh_markdown(result: dict) -> str:
         text += _table(["model", *metrics], [[name, *(f"{v[m]:.4f}" if m in v else "-" for m in metrics)]
                                              for name, v in test.items()])
     return text
+
+
+def maintenance_markdown(done: dict | None) -> str:
+    """The store maintenance step (storage.maintenance.maintain's result): what each table past
+    its thresholds went through, files and versions since its checkpoint before and after."""
+    if done is None:
+        return ""
+    text = "\n## Store maintenance\n\n"
+    rows = [[name, r["action"], f"{r['before']['files']} → {r.get('after', r['before'])['files']}",
+             f"{r['before']['since_checkpoint']} → {r.get('after', r['before'])['since_checkpoint']}",
+             r.get("files_vacuumed", "-"), "; ".join(r["due"])]
+            for name, r in done.items() if r["action"] != "none"]
+    if not rows:
+        return text + "No table past its thresholds.\n"
+    return text + _table(["table", "action", "files", "versions since checkpoint", "files vacuumed", "why"], rows)
 
 
 def study_markdown(result: dict) -> str:

@@ -223,6 +223,13 @@ class StoreConfig:
     path: str = setting("./.mvrec/store", _nonempty)
     # Passed to Delta Lake's object store, e.g. AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP.
     storage_options: dict[str, str] = setting({}, _string_table)
+    # The nightly flow's maintenance (storage/maintenance.py) compacts, vacuums and checkpoints a
+    # table once one partition holds more small files, or more versions passed since its last
+    # checkpoint, than these. 0 turns that check off.
+    maintain_max_files: int = setting(50, _min(0))
+    maintain_max_versions: int = setting(50, _min(0))
+    # Vacuum deletes files unreferenced for longer than this; every tagged version's are kept.
+    vacuum_retention_hours: float = setting(168.0, _min(0))
 
 
 @dataclass

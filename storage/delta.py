@@ -12,6 +12,7 @@ yet), `<table>:after-commit` (the log entry is in, the call has not returned). U
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import ColumnProperties, DeltaTable, Field, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
 
 from storage.arrow import key_strings, to_arrow
 from storage.schema import ALL_TABLES, SCHEMA_VERSION, TS, TableSpec, parse_schema_version, table_description
@@ -383,21 +385,46 @@ class DeltaTables:
     # -- maintenance ----------------------------------------------------------------------------
 
     def optimize_and_vacuum(self, name: str, retention_hours: float, dry_run: bool,
-                            keep_versions: list[int]) -> dict[str, Any]:
+                            keep_versions: list[int], full: bool = False) -> dict[str, Any]:
         """Bin-pack one table's small files, then vacuum files unreferenced for `retention_hours`
-        except those of `keep_versions`. Returns file counts and versions before/after."""
+        except those of `keep_versions`. Returns file counts and versions before/after.
+
+        full: vacuum every unreferenced file under the table (a listing of its directory), not
+        only those whose removal the log since the last checkpoint still records."""
         dt = self.table(name)
         stats: dict[str, Any] = {"version_before": dt.version()}
         if not dry_run:
             self.check_writable(name)
-            with _writing(name):
-                m = dt.optimize.compact()
+            with _writing(name):  # rewritten files are written like the table's own
+                m = dt.optimize.compact(writer_properties=_writer_properties(ALL_TABLES[name]))
             stats["files_added"] = m.get("numFilesAdded", 0)
             stats["files_removed"] = m.get("numFilesRemoved", 0)
             dt = self.table(name)
         with _writing(name):
             removed = dt.vacuum(retention_hours=int(retention_hours), dry_run=dry_run,
-                                enforce_retention_duration=False, keep_versions=keep_versions or None)
+                                enforce_retention_duration=False, keep_versions=keep_versions or None, full=full)
         stats["files_vacuumed"] = len(removed)
         stats["version_after"] = dt.version()
         return stats
+
+    def last_checkpoint(self, dt: DeltaTable) -> int | None:
+        """The version of the table's newest checkpoint (`_delta_log/_last_checkpoint`), None
+        when it has none. Reads one small file, local or on an object store."""
+        try:
+            with DeltaStorageHandler(dt.table_uri, self.storage_options).open_input_file(
+                    "_delta_log/_last_checkpoint") as f:
+                return int(json.loads(f.read())["version"])
+        except FileNotFoundError:
+            return None
+
+    def checkpoint(self, name: str, clean_logs: bool) -> int:
+        """Write a checkpoint at the table's current version (a reader then replays no commit);
+        clean_logs: also delete log entries older than delta.logRetentionDuration (30 days)
+        before it. Those versions can no longer be read: only for a table no tag pins below the
+        checkpoint. Returns the checkpoint's version."""
+        dt = self.table(name)
+        with _writing(name):
+            dt.create_checkpoint()
+            if clean_logs:
+                dt.cleanup_metadata()
+        return dt.version()

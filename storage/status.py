@@ -1,5 +1,6 @@
 """What `mvrec status` shows, as plain data: the last runs, open failures by reason, each
-extractor's progress and tags, videos whose file changed since extraction, and the store's size.
+extractor's progress and tags, videos whose file changed since extraction, the store's size, and
+each table's files, versions since its checkpoint and last maintenance.
 
     from storage.status import store_status
     s = store_status(FeatureStore(path, create=False), runs=10)   # a JSON-ready dict
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from storage.arrow import conform
+from storage.maintenance import maintenance_status
 from storage.runs import describe, owner_gone
 from storage.schema import ALL_TABLES
 
@@ -188,6 +190,7 @@ def store_status(store, runs: int = 10, check_files: bool = True,
     partial = partial_videos(videos)
     failures = failures_by_reason(t.read("failures", ["video_id", "uri", "stage", "error_type", "message"]))
     changed = changed_files(videos, hash_file) if check_files else None
+    maintenance = maintenance_status(store, t.dt, t.read("runs", ["run_id", "flow", "finished", "stats"]))
     return {
         "store": store.root,
         "runs": last_runs(run_rows, runs),
@@ -196,4 +199,5 @@ def store_status(store, runs: int = 10, check_files: bool = True,
         "partial_videos": len(partial),
         "changed_files": None if changed is None else {"count": len(changed), "videos": changed},
         "size": store_size(store, t.dt),
+        "maintenance": maintenance,
     }

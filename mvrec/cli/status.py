@@ -37,7 +37,8 @@ def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (for scripts)."),
     files: bool = typer.Option(True, "--files/--no-files", help="Check the videos' files for changes since extraction."),
 ) -> None:
-    """Store health: last runs, open failures by reason, extractors, changed files, size."""
+    """Store health: last runs, open failures by reason, extractors, tables and their maintenance,
+    changed files, size."""
     from storage import open_store
     from storage.status import store_status
 
@@ -69,6 +70,14 @@ def status_cmd(
         t.add_row(e["extractor_id"], e["model"], str(e["dim"]), str(len(e["layers"])), str(e["videos_done"]),
                   str(e["partial"]), f"{last['finished'][:16].replace('T', ' ')} {last['status']}" if last else "-",
                   e["newest_tag"] or "-", ", ".join(e["tags"][1:4]) + (" …" if len(e["tags"]) > 4 else ""))
+    console.print(t)
+
+    t = Table("table", "version", "files", "most small files in a partition", "versions since checkpoint",
+              "last maintained", title="store tables", title_justify="left")
+    for name, m in s["maintenance"].items():
+        last = m["last"]
+        t.add_row(name, str(m["version"]), str(m["files"]), str(m["small_files"]), str(m["since_checkpoint"]),
+                  f"{last['finished'][:16].replace('T', ' ')} {last['action']}" if last else "-")
     console.print(t)
 
     console.print(f"partial videos (fewer frames decoded than the header promises): {s['partial_videos']}")
