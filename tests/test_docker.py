@@ -29,8 +29,10 @@ COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
 BIN = Path(sys.executable).parent
 
-EXPECTED_SERVICES = {"postgres", "prefect-server", "worker", "gpu-worker"}
+EXPECTED_SERVICES = {"postgres", "prefect-server", "worker", "gpu-worker", "ray-head", "ray-worker", "ray-gpu-worker"}
 WORKERS = ("worker", "gpu-worker")
+CLUSTER = ("ray-head", "ray-worker", "ray-gpu-worker")  # profile `cluster`: every node runs the GPU image
+PROFILED = {"gpu-worker": "gpu", **{name: "cluster" for name in CLUSTER}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +367,8 @@ def test_compose_services_and_images():
     svc = compose["services"]
     for name in ("worker", "prefect-server"):
         assert Path(svc[name]["build"]["dockerfile"]).name == "Dockerfile.cpu", name
-    assert Path(svc["gpu-worker"]["build"]["dockerfile"]).name == "Dockerfile.gpu"
+    for name in ("gpu-worker", *CLUSTER):  # Ray needs one Python and Ray on every node and the driver
+        assert Path(svc[name]["build"]["dockerfile"]).name == "Dockerfile.gpu", name
     for name, s in svc.items():
         if "build" in s:
             assert (COMPOSE.parent / s["build"]["context"]).resolve() == ROOT, name
@@ -381,8 +384,30 @@ def test_compose_healthchecks_and_startup_order():
     server = svc["prefect-server"]["healthcheck"]["test"]
     assert server[0] == "CMD" and "/api/health" in " ".join(server)
     assert svc["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in WORKERS:
+    for name in (*WORKERS, "ray-head"):
         assert svc[name]["depends_on"]["prefect-server"]["condition"] == "service_healthy", name
+    head = svc["ray-head"]["healthcheck"]["test"]
+    assert head[:3] == ["CMD", "ray", "health-check"] and "127.0.0.1:6379" in head
+    for name in ("ray-worker", "ray-gpu-worker"):  # nodes join a head that answers
+        assert svc[name]["depends_on"]["ray-head"]["condition"] == "service_healthy", name
+
+
+def test_the_cluster_nodes_join_the_head_the_flow_drives():
+    svc = _compose()["services"]
+    head = shlex.split(svc["ray-head"]["command"][2])
+    assert svc["ray-head"]["command"][:2] == ["sh", "-c"] and head[:3] == ["ray", "start", "--head"]
+    port = next(a.split("=", 1)[1] for a in head if a.startswith("--port="))
+    assert "--num-gpus=0" in head and head[head.index("&&") + 1:][:3] == ["exec", "mvrec", "serve"]
+    for name in ("ray-worker", "ray-gpu-worker"):
+        cmd = svc[name]["command"]
+        assert cmd[:2] == ["ray", "start"] and f"--address=ray-head:{port}" in cmd and "--block" in cmd, name
+    assert "--num-gpus=0" in svc["ray-worker"]["command"] and "deploy" not in svc["ray-worker"]
+    for name in CLUSTER:
+        env = _env(svc[name])
+        assert (env["MVREC_EXTRACT__ENGINE"], env["MVREC_EXTRACT__RAY_ADDRESS"]) == ("ray", f"ray-head:{port}"), name
+        # the head turns token authentication on: every node and the driver carry the same token
+        assert env["RAY_AUTH_MODE"] == "token" and svc[name]["environment"]["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+        assert svc[name]["profiles"] == ["cluster"] and svc[name].get("init") is True, name
 
 
 def test_prefect_server_uses_postgres_and_publishes_the_ui():
@@ -426,6 +451,8 @@ def test_compose_volumes_are_named_shared_and_declared():
         hf = _env(compose["services"][name])["HF_HOME"]
         assert hf in mounts[name], f"{name}: HF_HOME {hf} is not on a volume"
     assert mounts["worker"] == mounts["gpu-worker"], "both workers must see the same store and models"
+    for name in CLUSTER:  # decode nodes read the videos, GPU nodes the models, the head the store
+        assert dict(reversed(v.split(":")[:2]) for v in compose["services"][name]["volumes"]) == mounts["worker"]
     store = _env(compose["services"]["worker"])["MVREC_STORE__PATH"]
     assert mounts["worker"][store] == "store"
 
@@ -435,13 +462,14 @@ def test_workers_scale_and_gpu_worker_gets_the_gpu():
     for name in WORKERS:
         # --scale worker=N needs no fixed container name and no published host port.
         assert "container_name" not in svc[name] and "ports" not in svc[name], name
-    gpu = svc["gpu-worker"]
-    assert gpu["profiles"] == ["gpu"]
     assert "profiles" not in svc["worker"]
-    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and (d.get("count") or d.get("device_ids"))
-               for d in devices), devices
-    assert _env(gpu)["MVREC_EXTRACT__BACKEND"] == "vllm"
+    for name in ("gpu-worker", "ray-gpu-worker"):
+        gpu = svc[name]
+        assert gpu["profiles"] == [PROFILED[name]] and gpu.get("ipc") == "host", name
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and (d.get("count") or d.get("device_ids"))
+                   for d in devices), devices
+    assert _env(svc["gpu-worker"])["MVREC_EXTRACT__BACKEND"] == "vllm"  # the cluster's comes from the GPU image
     assert _env(svc["worker"])["MVREC_EXTRACT__BACKEND"] == "transformers"
 
 
@@ -506,10 +534,22 @@ def test_prefect_server_healthcheck_command_really_probes(tmp_path):
 
 
 def test_container_commands_exist_in_the_cli(tmp_path):
-    commands = _service_commands()
+    commands = {}
+    for where, argv in _service_commands().items():
+        if argv[:2] == ["sh", "-c"]:  # `a && exec b`: each part is checked as a command of its own
+            for i, part in enumerate(" ".join(shlex.split(argv[2])).split(" && ")):
+                commands[f"{where} part {i}"] = shlex.split(part.removeprefix("exec "))
+        else:
+            commands[where] = argv
     assert any(argv[:1] == ["mvrec"] for argv in commands.values())
     for where, argv in commands.items():
-        if argv[0] == "mvrec":
+        if argv[0] == "ray":
+            proc = subprocess.run([str(BIN / "ray"), *argv[1:2], "--help"], capture_output=True, text=True,
+                                  timeout=120, env={"PATH": str(BIN), "NO_COLOR": "1", "COLUMNS": "200"})
+            assert proc.returncode == 0, f"{where}: `ray {argv[1]}` failed:\n{proc.stderr}"
+            for opt in (a.split("=", 1)[0] for a in argv if a.startswith("--")):
+                assert opt in proc.stdout, f"{where}: `ray {argv[1]}` has no {opt}"
+        elif argv[0] == "mvrec":
             _check_mvrec_argv(argv, where)
         elif argv[0] == "prefect":
             subcommand = []
@@ -548,7 +588,10 @@ def test_readme_docker_commands_exist():
                 service = argv[argv.index("--scale") + 1].split("=")[0]
                 assert service in EXPECTED_SERVICES, line
             if "--profile" in argv:
-                assert argv[argv.index("--profile") + 1] == "gpu", line
+                assert argv[argv.index("--profile") + 1] in set(PROFILED.values()), line
+            for i, word in enumerate(argv):
+                if word == "--scale":
+                    assert argv[i + 1].split("=")[0] in EXPECTED_SERVICES, line
         elif argv[:1] == ["mvrec"]:
             mvrec_cmds.append((argv, line))
     assert any(argv[:2] == ["mvrec", "refresh"] for argv, _ in mvrec_cmds), "README: one-off refresh"
@@ -583,9 +626,11 @@ def test_docker_compose_config_validates():
     assert proc.returncode == 0, proc.stderr
     resolved = json.loads(proc.stdout)
     assert resolved["name"] == "mvrec"
-    assert set(resolved["services"]) == EXPECTED_SERVICES
+    assert set(resolved["services"]) == EXPECTED_SERVICES - set(CLUSTER)
     default = _run_config(base, "config", "--services")
-    assert default.returncode == 0 and set(default.stdout.split()) == EXPECTED_SERVICES - {"gpu-worker"}
+    assert default.returncode == 0 and set(default.stdout.split()) == EXPECTED_SERVICES - set(PROFILED)
+    cluster = _run_config(base, "--profile", "cluster", "config", "--services")
+    assert cluster.returncode == 0 and set(cluster.stdout.split()) == EXPECTED_SERVICES - {"gpu-worker"}, cluster.stderr
 
 
 def test_docker_compose_v1_config_validates():
@@ -596,5 +641,6 @@ def test_docker_compose_v1_config_validates():
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert set(resolved["services"]) == EXPECTED_SERVICES
-    gpu = _run_config([exe], "--profile", "gpu", "config", "--services")
-    assert gpu.returncode == 0 and set(gpu.stdout.split()) == EXPECTED_SERVICES, gpu.stderr
+    for profile in ("gpu", "cluster"):
+        listed = _run_config([exe], "--profile", profile, "config", "--services")
+        assert listed.returncode == 0 and set(listed.stdout.split()) == EXPECTED_SERVICES, listed.stderr
