@@ -60,8 +60,10 @@ def start_api() -> subprocess.Popen | None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+        # Its own session: Ctrl-C in a terminal signals the whole process group, and the API must
+        # outlive this process's unwinding to record the runs as crashed; it dies with us anyway.
         proc = subprocess.Popen([sys.executable, "-m", "flows.runtime", "serve-api", str(port), str(os.getpid())],
-                                env={**os.environ, "PREFECT_UI_ENABLED": "0"})
+                                env={**os.environ, "PREFECT_UI_ENABLED": "0"}, start_new_session=True)
         atexit.register(_stop, proc)
         if _wait_healthy(proc, f"http://127.0.0.1:{port}/api/health", timeout):
             os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
@@ -84,10 +86,12 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Ask the API to stop, then kill it: uvicorn's graceful stop waits on idle keep-alive
+    connections (7 s on a loaded machine), and every request it answered is committed already."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -200,6 +200,31 @@ def find_decoder(model: Any) -> tuple[Any, Any]:
     return best[1], best[2]
 
 
+def looks_like_path(model: str) -> bool:
+    """A local directory, not a hub id (a hub id never starts with these)."""
+    return model.startswith(("/", "./", "../", "~"))
+
+
+def check_model_dir(model: str) -> None:
+    """Before any work: a model given as a path must be a directory with a readable config.json and
+    weight files. Raises FileNotFoundError or ValueError, one line naming the path. Hub ids and
+    stand-in specs are left to the backend."""
+    if not looks_like_path(model):
+        return
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"extract.model: no model directory at {model}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"extract.model: {model} has no config.json (not a saved model directory)")
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"extract.model: {config} is not readable JSON ({type(e).__name__})") from None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"extract.model: {model} has no weight files (*.safetensors or *.bin)")
+
+
 def is_test_model(path_or_id: str | Path) -> bool:
     """True when the model's config.json says it came from `build_test_model` (local dirs only)."""
     config = Path(path_or_id) / "config.json"

@@ -6,17 +6,22 @@ Each area registers its commands from its own module. Exit codes (docs/cli.md):
     1  the run ran but failed, or some videos failed with transient errors
     2  bad input or config, found before any work started: one line naming the culprit
        (set MVREC_DEBUG=1 to see the traceback instead)
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: one line, the run recorded failed
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 from typer._click import exceptions as click_exc  # typer vendors click
 
+from mvrec.cli import interrupt
 from mvrec.cli.common import _state, app, err_console
+from mvrec.errors import OneLineError
 
 # Registration order is the order `mvrec --help` lists them.
 from mvrec.cli import data as _data  # noqa: F401,E402  demo-data, build-test-model, config
@@ -34,10 +39,30 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 def main(argv: list[str] | None = None) -> None:
     _state["working"] = False  # main() may run many times in one process (tests)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    if main_thread:
+        interrupt.install()  # Ctrl-C / SIGTERM: Interrupted, one line, exit 130 / 143
+    try:
+        _main(argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False so that we format errors ourselves; in this mode click hands a
         # `typer.Exit(code)` raised by a command back as the return value instead of exiting.
         rc = app(args=argv, standalone_mode=False)
+    except interrupt.Interrupted as e:
+        # Whatever ran has unwound: a run is recorded failed, its commits kept.
+        err_console.print(f"{e}: stopped; what was committed is kept, and the next run goes on from there",
+                          markup=False, highlight=False, soft_wrap=True)
+        interrupt.exit_now(interrupt.exit_code(e.signum))
+    except OneLineError as e:
+        err_console.print(f"error: {e}".replace("\n", " "), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1 if _state["working"] else 2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

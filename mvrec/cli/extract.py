@@ -89,7 +89,8 @@ def extract_cmd(
 
     from tasks.discover import discover_videos
     from tasks.extract import decode_options, extract_spec, extract_videos
-    from tasks.lvlm import load_backend
+    from mvrec.errors import ModelLoadError, one_line
+    from tasks.lvlm import check_model_dir, load_backend
 
     config = get_config(**{
         "extract.model": model, "extract.frames": frames, "extract.batch_size": batch_size,
@@ -106,10 +107,14 @@ def extract_cmd(
         raise typer.BadParameter(f"no video files in {video_dir}", param_hint="VIDEO_DIR")
 
     spec, opts = extract_spec(config), decode_options(config)  # the same as the flow's
+    check_model_dir(cfg.model)  # a path with no model in it: one line, exit 2
     test_model_notice(cfg.model)
     work_started()
     with console.status(f"loading {cfg.model} ({cfg.backend})"):
-        lvlm = load_backend(cfg.backend, spec)
+        try:
+            lvlm = load_backend(cfg.backend, spec)
+        except Exception as e:  # noqa: BLE001 - one line naming the model, whatever the backend raised
+            raise ModelLoadError(f"model {cfg.model} did not load: {one_line(e)}") from None
     info = lvlm.info
     console.print(f"{info.arch}: {info.num_layers} layers, hidden {info.hidden_size}, {info.dtype} on {info.device}; "
                   f"{len(refs)} videos, batch {cfg.batch_size}, frames {cfg.frames}, pooling {cfg.pooling}")

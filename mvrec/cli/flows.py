@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -37,9 +36,13 @@ def _prepare(overrides: dict[str, Any]):
 
     configure_prefect(cfg.prefect)
     model = cfg.extract.model
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
-        # A path, not a hub id: fail now rather than after Prefect has started.
-        raise FileNotFoundError(f"extract.model: no model directory at {model}")
+    from tasks.lvlm import check_model_dir
+
+    check_model_dir(model)  # a path with no model in it: one line now, not after Prefect and a load
+    if cfg.extract.engine == "ray":
+        from tasks.ray_address import check_ray_address
+
+        check_ray_address(cfg.extract.ray_address)  # nothing answers there: one line within seconds
     # The store must take writes (one line, exit 2), and no other run may be extracting into it
     # with this extractor (one line naming it, exit 1): checked before Prefect or a model starts.
     store = writable_store(cfg)
