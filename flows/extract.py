@@ -1,7 +1,7 @@
 """extract_features: the extraction DAG. The flow is the control plane; the data plane
 (tasks/dataplane.py) does the work.
 
-    discover-videos -> hash-videos -> plan (skip what the store already has)
+    plan-work: discover, check what changed (no read of an unchanged file), anti-join the store
         -> data plane: decode + preprocess workers -> R model replicas (threads, or a Ray cluster)
         -> commit-batch, as results arrive -> finish (the run record)
 
@@ -31,13 +31,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.plan import extractor_record, plan_work
+from flows.plan import Plan, extractor_record, take_plan
 from flows.report import extract_markdown, publish
 from mvrec.config import Config, load_config
 from storage import ExtractionBatch, ExtractorRecord, FailureRow, FeatureStore, VideoRow, open_store
 from storage.quality import LayerNorms, gate_batch
 from tasks.dataplane import PlaneSpec, PlaneStats, in_background, run_plane, runs_on_gpu
-from tasks.discover import VideoRef, discover_videos, hash_videos, is_transient
+from tasks.discover import VideoRef, is_transient
 from tasks.extract import Batch, decode_options, extract_spec
 from tasks.lvlm import Failure, ModelInfo
 
@@ -45,14 +45,9 @@ from tasks.lvlm import Failure, ModelInfo
 # Tasks: the control plane's steps. The data plane is not a Prefect task: it streams.
 
 
-@task(name="discover-videos", cache_policy=NO_CACHE)
-def discover_task(source: str | list[str]) -> list[VideoRef]:
-    return discover_videos(source)
-
-
-@task(name="hash-videos", cache_policy=NO_CACHE)
-def hash_task(refs: list[VideoRef]) -> tuple[list[VideoRef], list[tuple[VideoRef, str]]]:
-    return hash_videos(refs)
+@task(name="plan-work", cache_policy=NO_CACHE)
+def plan_task(cfg: Config, source: str | list[str], only_failed: bool, verify: bool) -> Plan:
+    return take_plan(cfg, source, only_failed=only_failed, verify=verify)
 
 
 @task(name="commit-batch", cache_policy=NO_CACHE)
@@ -88,6 +83,10 @@ class ExtractSummary:
     partial: int = 0  # stored videos decoded from fewer frames than their header promised
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    hash_reused: int = 0  # content hashes the change check took from the file index (no byte read)
+    hash_read: int = 0  # files it read to hash
+    read_bytes: int = 0
+    plan_seconds: dict[str, float] = field(default_factory=dict)  # discover, check, plan
     versions: dict[str, int] = field(default_factory=dict)  # table versions this run's commits wrote
     norms: dict[str, dict] = field(default_factory=dict)  # per-layer embedding norm statistics
     plane: dict[str, Any] = field(default_factory=dict)  # busy shares of the replicas and decode workers
@@ -168,11 +167,12 @@ def commit_arrived(store: FeatureStore, arrived: list[tuple[Batch, ModelInfo]], 
 
 @flow(name="extract-features", log_prints=True)
 def extract_features(source: str | list[str], overrides: dict[str, Any] | None = None,
-                     only_failed: bool = False, config_path: str | None = None) -> dict:
+                     only_failed: bool = False, config_path: str | None = None, verify: bool = False) -> dict:
     """Extract captions and per-layer hidden states for every new or changed video in `source`.
 
     overrides: {"section.key": value} on top of mvrec.toml and MVREC_* (e.g. {"extract.model": ...}).
     only_failed: process only videos with open failures (what `mvrec rerun-failed` does).
+    verify: read every file to hash it, trusting no recorded stat signature.
     """
     started, log = time.perf_counter(), get_run_logger()
     cfg = load_config(config_path, overrides=overrides)
@@ -187,10 +187,10 @@ def extract_features(source: str | list[str], overrides: dict[str, Any] | None =
         summary, stats = ExtractSummary(run_id=run_id, extractor_id=extractor_id), PlaneStats()
 
         with store.failing_run(run_id):  # an exception (disk full, a bug) ends the run `failed`, not `running`
-            refs = discover_task(source)
-            hashed, unreadable = hash_task(refs)
-            todo, counts = plan_work(hashed, store.completed(extractor_id), store.failures(extractor_id),
-                                     only_failed=only_failed)
+            plan = plan_task(cfg, source, only_failed, verify)
+            refs, hashed, unreadable, todo, counts = plan.refs, plan.check.hashed, plan.check.unreadable, plan.todo, plan.counts
+            summary.hash_reused, summary.hash_read = plan.check.reused, plan.check.read_files
+            summary.read_bytes, summary.plan_seconds = plan.check.read_bytes, plan.seconds
             summary.discovered = len(refs)
             summary.skipped_done, summary.skipped_broken = counts["done"], counts["known_broken"]
             log.info("%d videos: %d to extract, %d done, %d known broken, %d unreadable", len(refs), len(todo),

@@ -29,7 +29,9 @@ import pyarrow as pa
 #    Upgraded the same way.
 # 4: runs.owner (JSON: host, pid and process start time of the process running it), so a later
 #    run can mark a run whose process is gone as `abandoned`. Upgraded the same way.
-SCHEMA_VERSION = 4
+# 5: the file_index table (the change check's stat signatures). Created by a writer in an older
+#    store; a reader of a store without it sees an empty index.
+SCHEMA_VERSION = 5
 
 TS = pa.timestamp("us", tz="UTC")
 EMBEDDING = pa.list_(pa.float32())
@@ -183,16 +185,32 @@ SNAPSHOTS = TableSpec(
     doc="Named snapshots (tags): the version of every table at tag time.",
 )
 
+FILE_INDEX = TableSpec(
+    "file_index",
+    pa.schema([
+        ("uri", pa.string()),
+        # What the file looked like when it was hashed: local "local:size:mtime_ns:ctime_ns:inode",
+        # an object "object:etag-or-version:size:last-modified" (tasks.discover.signature).
+        ("signature", pa.string()),
+        ("content_sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("hashed_at", TS),  # when its bytes were last read (refresh.verify_days re-reads older ones)
+    ]),
+    key=("uri",),
+    doc="The change check's memory, like git's index: a file whose signature is unchanged keeps its "
+        "hash without a read. Only signatures that could be trusted when hashed are recorded.",
+)
+
 # Data tables, in the order a batch writes them (hidden_states last: it marks completeness).
 DATA_TABLES: dict[str, TableSpec] = {
     t.name: t for t in (VIDEOS, EXTRACTORS, CAPTIONS, FAILURES, RUNS, HIDDEN_STATES)
 }
-ALL_TABLES: dict[str, TableSpec] = {**DATA_TABLES, SNAPSHOTS.name: SNAPSHOTS}
+ALL_TABLES: dict[str, TableSpec] = {**DATA_TABLES, SNAPSHOTS.name: SNAPSHOTS, FILE_INDEX.name: FILE_INDEX}
 # The order a reader pins table versions in: the reverse of the write order. A batch whose
 # hidden_states a reader pinned had committed its videos and captions before, and the reader
 # pins those later, so it sees them too (pinning in write order could see hidden_states rows of a
 # batch whose videos row landed just after videos was pinned).
-PIN_ORDER: tuple[str, ...] = tuple(reversed(DATA_TABLES)) + (SNAPSHOTS.name,)
+PIN_ORDER: tuple[str, ...] = tuple(reversed(DATA_TABLES)) + (SNAPSHOTS.name, FILE_INDEX.name)
 
 
 def table_description(spec: TableSpec) -> str:

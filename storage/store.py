@@ -26,7 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.arrow import conform, key_strings, to_arrow, vector_rows, video_extractor_pairs
-from storage.delta import DeltaTables
+from deltalake import DeltaTable
+
+from storage.delta import DeltaTables, StoreNotWritableError
 from storage.records import AsOf, ExtractionBatch, ExtractorRecord, FeatureMatrix, MissingItemsError
 from storage.lease import holder as lease_holder
 from storage.lease import run_lease
@@ -71,6 +73,11 @@ class FeatureStore(DeltaTables):
         elif not self.exists():
             raise FileNotFoundError(f"no feature store at {self.root} (write features first, "
                                     "or point [store] path / MVREC_STORE__PATH at one)")
+        elif not DeltaTable.is_deltatable(self.uri("file_index"), self.storage_options):
+            try:  # a store from before schema v5: its (empty) file index, where the store is writable
+                self.ensure(ALL_TABLES["file_index"])
+            except StoreNotWritableError:
+                pass
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.root!r})"
@@ -376,6 +383,55 @@ class FeatureStore(DeltaTables):
             if v not in best or rank > best[v][0]:
                 best[v] = (rank, s)
         return {v: s for v, (_, s) in best.items()}
+
+    def complete_keys(self, extractor_id: str) -> pa.Table:
+        """(video_id, content_sha256) of every video complete for this extractor and served, as
+        Arrow: what planning anti-joins against. Reads the key columns of ONE layer partition (the
+        highest), not all of them: a video's layers are written in one commit (write_batch, and
+        replace_keys never splits a video), so a video in one layer is in every layer. A video
+        with several contents keeps only the served one (see `served`)."""
+        layers = self.layers(extractor_id)
+        empty = pa.table({"video_id": pa.array([], pa.string()), "content_sha256": pa.array([], pa.string())})
+        if not layers:
+            return empty
+        dt = self.table("hidden_states")
+        keys = self.scan("hidden_states", dt, {"extractor_id": extractor_id, "layer": max(layers)},
+                         ["video_id", "content_sha256"]).combine_chunks()
+        counts = keys.group_by("video_id").aggregate([("content_sha256", "count")])
+        several = counts.filter(pc.greater(counts.column("content_sha256_count"), 1)).column("video_id")
+        if not len(several):
+            return keys
+        multi = keys.filter(pc.is_in(keys.column("video_id"), value_set=several))
+        versions: dict[str, set[str]] = {}
+        for v, sha in zip(multi.column("video_id").to_pylist(), multi.column("content_sha256").to_pylist(), strict=True):
+            versions.setdefault(v, set()).add(sha)
+        served = self.served(versions)
+        keep = pa.array([f"{v}\x00{s}" for v, s in served.items()], pa.string())
+        pair = pc.binary_join_element_wise(keys.column("video_id"), keys.column("content_sha256"), "\x00")
+        return keys.filter(pc.or_(pc.invert(pc.is_in(keys.column("video_id"), value_set=several)),
+                                  pc.is_in(pair, value_set=keep)))
+
+    def failure_keys(self, extractor_id: str) -> pa.Table:
+        """Open failures of this extractor and its model-independent ones, key columns only:
+        video_id, content_sha256 ('' when unknown), permanent (False for NULL)."""
+        t = conform("failures", self.table("failures").to_pyarrow_table(
+            columns=["video_id", "extractor_id", "content_sha256", "permanent"]))
+        t = t.filter(pc.is_in(t.column("extractor_id"), pa.array([extractor_id, ""])))
+        return pa.table({"video_id": t.column("video_id"),
+                         "content_sha256": pc.fill_null(t.column("content_sha256"), ""),
+                         "permanent": pc.fill_null(t.column("permanent"), False)})
+
+    def file_index(self) -> pa.Table:
+        """The change check's index (storage/schema.py FILE_INDEX): uri, signature, content_sha256,
+        bytes, hashed_at."""
+        try:
+            return self.table("file_index").to_pyarrow_table()
+        except FileNotFoundError:  # a read-only store from before schema v5
+            return ALL_TABLES["file_index"].schema.empty_table()
+
+    def record_files(self, rows: pa.Table) -> int:
+        """Upsert file index rows by uri (hashed files whose signature could be trusted)."""
+        return self.upsert(ALL_TABLES["file_index"], rows)
 
     def _matrix(self, table: pa.Table, column: str, item_ids: Sequence[str], what: str,
                 as_of: AsOf, strict: bool, version: int) -> FeatureMatrix:

@@ -58,8 +58,20 @@ class VideoRef:
     bytes: int = -1
     content_sha256: str = ""
     problem: str = ""  # "Kind: why" when the path cannot be processed (see the module docstring)
-    # (size, mtime_ns, ctime_ns, inode) of a local file when it was hashed; None for a URI
+    # (size, mtime_ns, ctime_ns, inode) of a local file as found, then as hashed (None: racy, see
+    # hash_video); None for a URI
     stat: tuple[int, int, int, int] | None = None
+    # An object's "etag-or-version:size:last-modified" as listed, then as hashed; "" for a local file
+    object_sig: str = ""
+
+
+def signature(ref: VideoRef) -> str:
+    """What the file looks like without reading it, as the change check compares it with the
+    signature recorded when its hash was taken: local "local:size:mtime_ns:ctime_ns:inode", an
+    object "object:etag:size:last-modified"; "" when unknown (the file is hashed)."""
+    if ref.stat is not None:
+        return "local:" + ":".join(str(x) for x in ref.stat)
+    return f"object:{ref.object_sig}" if ref.object_sig else ""
 
 
 class NotARegularFile(OSError):
@@ -114,13 +126,39 @@ def _file_ref(video_id: str, path: Path) -> VideoRef:
             return VideoRef(video_id, str(path), problem=f"SymlinkLoop: {path} is a symlink loop")
         return VideoRef(video_id, str(path), problem=f"{type(e).__name__}: {e}")
     try:
-        mode = os.stat(resolved).st_mode  # stat never opens: a FIFO or a device cannot block here
+        st = os.stat(resolved)  # stat never opens: a FIFO or a device cannot block here
     except OSError as e:
         return VideoRef(video_id, str(path), problem=f"{type(e).__name__}: {e}")
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         shown = f"{path} -> {resolved}" if resolved != path else str(path)
-        return VideoRef(video_id, str(path), problem=f"NotARegularFile: {shown} is {_kind(mode)}, not a video file")
-    return VideoRef(video_id=video_id, uri=str(resolved))
+        return VideoRef(video_id, str(path), problem=f"NotARegularFile: {shown} is {_kind(st.st_mode)}, not a video file")
+    return VideoRef(video_id=video_id, uri=str(resolved), stat=_signature(st))
+
+
+def _object_sig(info: dict) -> str:
+    """An object's signature from fsspec's info/listing (s3fs: ETag, VersionId, size, LastModified)."""
+    tag = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("md5Hash") or ""
+    when = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("updated") or ""
+    return f"{str(tag).strip(chr(34))}:{info.get('size', '')}:{when}"
+
+
+def _from_prefix(uri: str) -> list[VideoRef] | None:
+    """Video objects under an object-store prefix (one listing: their metadata comes with it), or
+    None when `uri` names one object."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.isdir(path):
+        return None
+    protocol = uri.split("://", 1)[0]
+    root = path.rstrip("/")
+    refs = []
+    for name, info in sorted(fs.find(root, detail=True).items()):
+        if Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+            rel = name[len(root):].lstrip("/")
+            refs.append(VideoRef(str(Path(rel).with_suffix("").as_posix()), f"{protocol}://{name}",
+                                 object_sig=_object_sig(info)))
+    return refs
 
 
 def _from_directory(root: Path) -> list[VideoRef]:
@@ -203,7 +241,7 @@ def discover_videos(source: str | Path | Sequence[str]) -> list[VideoRef]:
         text = str(source)
         path = Path(_local(text)).expanduser()
         if _is_remote(text):
-            refs = [VideoRef(video_id=_video_id_from_uri(text), uri=text)]
+            refs = _from_prefix(text) or [VideoRef(video_id=_video_id_from_uri(text), uri=text)]
         elif path.is_dir():
             refs = _from_directory(path)
         elif path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
@@ -270,7 +308,9 @@ def hash_video(ref: VideoRef, progress: Callable[[], None] | None = None) -> Vid
     """Fill in `bytes`, `content_sha256` and (local files) `stat` by streaming the file once;
     `progress()` is called after the open and after each chunk read."""
     digest, size, sig, started = hashlib.sha256(), 0, None, time.time_ns()
+    object_sig = ""
     if _is_remote(ref.uri):
+        object_sig = remote_signature(ref.uri)
         fh = open_bytes(ref.uri)
     else:
         fh, st = _open_local(_local(ref.uri))
@@ -286,7 +326,18 @@ def hash_video(ref: VideoRef, progress: Callable[[], None] | None = None) -> Vid
             size += len(chunk)
     if sig is not None and (_signature(os.stat(_local(ref.uri))) != sig or sig[1] >= started - _RACY_NS):
         sig = None  # written to while read, or too recently to trust: changed_since_hash rehashes
-    return replace(ref, bytes=size, content_sha256=digest.hexdigest(), stat=sig)
+    if object_sig and remote_signature(ref.uri) != object_sig:
+        object_sig = ""  # replaced while read: not recorded, so the next run reads it again
+    return replace(ref, bytes=size, content_sha256=digest.hexdigest(), stat=sig, object_sig=object_sig)
+
+
+def remote_signature(uri: str) -> str:
+    """An object's signature from one metadata request (no bytes read)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return _object_sig(fs.info(path))
 
 
 def changed_since_hash(ref: VideoRef, rehash: Callable[[VideoRef], VideoRef] = hash_video) -> str | None:

@@ -108,6 +108,8 @@ def refresh(
     interactions: Optional[str] = typer.Option(
         None, "--interactions", help="MicroLens pairs file: retrain the recommender after extracting."),
     always: bool = typer.Option(False, "--always", help="Run the flow even when the store says nothing is new."),
+    verify: bool = typer.Option(False, "--verify", help="Read every file to hash it, trusting no recorded stat "
+                                "signature (the change check otherwise reads only new and changed files)."),
 ) -> None:
     """Run the nightly refresh once: extract new/changed videos, embed captions, optionally retrain."""
     overrides = _overrides(model=model, backend=backend, batch_size=batch_size, store=store, engine=engine,
@@ -121,13 +123,16 @@ def refresh(
         # retraining to do), skip it.
         from flows.plan import pending_work
 
-        work = pending_work(cfg, source)
+        work = pending_work(cfg, source, verify=verify)
         if not (work["to_extract"] or work["captions_to_embed"] or work["unreadable"]):
             console.print(f"nothing new in {source}: {work['done']} videos already extracted by "
                           f"{work['extractor_id']}, {work['known_broken']} with recorded failures "
                           "(see `mvrec rerun-failed`); use --always to run the flow anyway")
+            console.print(f"change check: {work['hash_reused']} unchanged by their stat, {work['hash_read']} read "
+                          f"({work['read_bytes'] / 1e6:.1f} MB) in {work['seconds']['check']:.1f} s", markup=False)
             return
-    result = _run_nightly_refresh("refresh failed: ", source, overrides=overrides, interactions=interactions)
+    result = _run_nightly_refresh("refresh failed: ", source, overrides=overrides, interactions=interactions,
+                                  verify=verify)
     _print_summary("refresh", result["extract"])
     console.print(f"captions embedded: {result['captions_embedded']}")
     if result.get("train"):
