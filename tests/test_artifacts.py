@@ -232,9 +232,13 @@ def test_refresh_publishes_its_report(against, corpus, tmp_path):
     (art,) = read_artifacts("nightly-refresh")[:1]
     assert f"Extraction run `{result['extract']['run_id']}`" in art.data and "| 2 | 2 | 0 | 0 | 0 | 0 |" in art.data
     assert f"Caption vectors added: {result['captions_embedded']}" in art.data
-    nightly_refresh(str(only), overrides=ov)  # nothing new: no extraction run, still a report
+    assert "## Store maintenance" in art.data and "No table past its thresholds" in art.data
+    # nothing new: no extraction run, still a report; the store maintained past a low threshold
+    again = nightly_refresh(str(only), overrides={**ov, "store.maintain_max_versions": 1})
     newest = read_artifacts("nightly-refresh")[0]
     assert "Nothing new to extract" in newest.data and "| 2 | 0 | 2 | 0 | 0 | 0 |" in newest.data
+    assert again["maintenance"]["hidden_states"]["action"] == "maintained"
+    assert "| hidden_states | maintained |" in newest.data
 
 
 @pytest.mark.slow
