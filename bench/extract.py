@@ -11,7 +11,7 @@ Prints
    backend's default), forward + generate, and generate(output_hidden_states=True,
    return_dict_in_generate=True);
 4. --backend vllm: the vLLM and transformers backends side by side (videos/s, same videos, same
-   batch size). Engine knobs come from the [vllm] config (mvrec.toml, MVREC_VLLM__* variables),
+   batch size); with --startup-only, only the engine's start-up in-process and multiprocess. Engine knobs come from the [vllm] config (mvrec.toml, MVREC_VLLM__* variables),
    e.g. MVREC_VLLM__CPU_OMP_THREADS_BIND=nobind on a shared CPU. transformers runs first: the
    in-process vLLM engine changes the process's thread settings.
 
@@ -153,6 +153,30 @@ def bench_side_by_side(spec, vllm_backend, videos, paths, batch_size: int, decod
           + (f", end to end {v[2] / t[2]:.2f}x" if end_to_end else ""))
 
 
+def bench_vllm_startup(spec, rounds: int) -> None:
+    """Seconds from load_backend("vllm") to a ready engine, with the engine core in this process
+    (vllm.multiprocessing = false, the default) and in a child process, alternated over rounds.
+    vLLM is imported into this process first and timed apart; a child process imports it again."""
+    import dataclasses
+
+    from tasks.lvlm import load_backend
+
+    t0 = time.perf_counter()
+    import vllm  # noqa: F401
+
+    print(f"import vllm in this process: {time.perf_counter() - t0:.1f} s")
+    seconds = {False: [], True: []}
+    for _ in range(rounds):
+        for mp in (False, True):
+            t0 = time.perf_counter()
+            backend = load_backend("vllm", dataclasses.replace(spec, options={**spec.options, "multiprocessing": mp}))
+            seconds[mp].append(time.perf_counter() - t0)
+            backend.close()
+    print(f"vLLM engine start-up (load_backend until ready, {rounds} rounds, load {os.getloadavg()[0]:.1f}):")
+    for mp, s in seconds.items():
+        print(f"  multiprocessing={str(mp).lower():5s} " + ", ".join(f"{x:.1f}" for x in s) + " s")
+
+
 def bench_passes(backend, videos, batch_size: int) -> None:
     """One hooked generate vs forward + generate vs generate(output_hidden_states=True)."""
     import torch
@@ -213,7 +237,12 @@ def main() -> None:
     ap.add_argument("--skip-end-to-end", action="store_true")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default). On a shared CPU, 1 avoids OpenMP spin contention.")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="with --backend vllm: only the engine's start-up, in-process and multiprocess")
+    ap.add_argument("--startup-rounds", type=int, default=2)
     args = ap.parse_args()
+    if args.startup_only and args.backend != "vllm":
+        ap.error("--startup-only needs --backend vllm")
 
     import torch
 
@@ -228,9 +257,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}; backend {args.backend}")
-    paths = corpus(work, args.videos)
-    bench_decode(paths, args.frames, args.decode_rounds)
-
     model = args.model or str(build_test_model(work / f"test-model-{args.arch}", arch=args.arch))
     if is_test_model(model):
         print(f"model: {model} is a random-weight TEST MODEL (speed only)")
@@ -243,6 +269,11 @@ def main() -> None:
         options = dataclasses.asdict(load_config().vllm)
         print(f"vllm options: {options}")
     spec = ExtractSpec(model=model, max_new_tokens=args.max_new_tokens, options=options)
+    if args.startup_only:
+        bench_vllm_startup(spec, args.startup_rounds)
+        return
+    paths = corpus(work, args.videos)
+    bench_decode(paths, args.frames, args.decode_rounds)
     decode_kwargs = {"policy": args.frames}
     videos = [decode(p, **decode_kwargs) for p in paths]
     if args.backend == "vllm":
