@@ -301,7 +301,7 @@ class VLLMConfig:
     # CPU backend only: KV cache in GiB and OpenMP binding (auto | nobind | 0-1 ...).
     cpu_kvcache_space_gib: int = setting(1, _min(1))
     cpu_omp_threads_bind: str = setting("auto", _cpu_bind)
-    # False runs the engine in-process (starts in ~3 s instead of ~20 s).
+    # False runs the engine in-process: no __main__ guard, and it starts sooner (docs/benchmarks.md).
     multiprocessing: bool = setting(False, _any)
 
 
@@ -530,7 +530,7 @@ def _config_file(path: str | Path | None, env: Mapping[str, str]) -> Path | None
 GPU_DEFAULTS: dict[tuple[str, str], Any] = {
     ("extract", "batch_size"): 32,  # ~9.5k prompt tokens per forward for demo-sized videos
     ("vllm", "max_num_seqs"): 32,  # a whole batch in one engine step
-    ("extract", "decode_workers"): 12,  # 16 cores: decode + processor, one for the replica and the flow
+    ("extract", "decode_workers"): 12,  # of 16 cores: 4 left for the replica's thread, the flow and the system
     ("extract", "commit_size"): 512,  # ~5 s of videos per commit at ~100 videos/s
 }
 
