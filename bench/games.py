@@ -13,6 +13,13 @@ their ratio (goal: ours <= 0.5x), and each side's peak resident memory (ru_maxrs
     python bench/games.py --accuracy [--seeds 0,1,2]   # our recipe to early stopping: test HR/NDCG, sampled-100
                                                        # and full ranking, mean +- std over seeds, vs published
     python bench/games.py --loss-cost                  # CPU ms per training step of full, sampled and bce
+    python bench/games.py --accuracy --preset esasrec-games --set loss=full --label "ligr, full" \
+                          --jsonl variants.jsonl            # one variant of the backbone, 3 seeds
+    python bench/games.py --table variants.jsonl           # the variants table: 3-seed mean ± std each
+
+--accuracy measures each seed's best checkpoint (by the preset's validation protocol) on validation
+and test, both protocols (full ranking: every item, history masked), plus its wall / CPU seconds and
+the process's peak memory so far; --jsonl appends one JSON line per seed, which --table groups by label.
 
 The dataset comes from --data, else $MVREC_GAMES, else ../shared/data/amazon-games/Video.txt next to the
 repository; without it the bench says so and exits 0.
@@ -105,9 +112,27 @@ def run_side(args) -> None:
                       "config": dataclasses.asdict(cfg)}), flush=True)
 
 
+def parse_sets(pairs: list[str]) -> dict[str, object]:
+    """['loss=full', 'dim=64'] -> {'loss': 'full', 'dim': 64}: numbers and booleans as such."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE (a train key)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+ACCURACY_COLS = ("valid full HR@10", "valid full NDCG@10", "test full HR@10", "test full NDCG@10",
+                 "test sampled HR@10", "test sampled NDCG@10")
+
+
 def run_accuracy(args) -> None:
-    """Our recipe trained to early stopping, per seed: test metrics in both protocols, mean +- std."""
-    import numpy as np
+    """A recipe (--preset, default ours, plus --set keys) trained per seed; its best checkpoint's
+    validation and test metrics in both protocols, mean +- std."""
     import torch
 
     from recommender.data import load_sequences
@@ -117,27 +142,51 @@ def run_accuracy(args) -> None:
     torch.set_num_threads(1)
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
+    preset, keys = args.preset or SIDES["ours"], parse_sets(args.set)
+    label = args.label or " ".join([preset, *args.set])
     for seed in seeds:
-        cfg = preset_config(SIDES["ours"], seed=seed, num_threads=1, device="cpu", out=args.out)
+        cfg = preset_config(preset, **{**keys, "seed": seed, "num_threads": 1, "device": "cpu", "out": args.out})
         data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(data, cfg, None, Path(args.out) / f"games-s{seed}", progress=False,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         model, _ = load_for_recommend(result.run_dir)  # the best checkpoint by validation
-        full = evaluate(model, data, "test", cfg.eval_batch_size, "cpu", "full")
-        row = {"seed": seed, "best_epoch": result.best_epoch, "epochs": result.epochs,
-               "wall_s": round(time.perf_counter() - t0), "cpu_s": round(time.process_time() - c0),
-               **{f"sampled {k}": result.test[k] for k in ("HR@10", "NDCG@10")},
-               **{f"full {k}": full[k] for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")}}
+        m = {f"{split} {protocol} {k}": v for split in ("valid", "test") for protocol in ("full", "sampled")
+             for k, v in evaluate(model, data, split, cfg.eval_batch_size, "cpu", protocol).items()}
+        row = {"label": label, "preset": preset, "set": keys, "seed": seed, "best_epoch": result.best_epoch,
+               "epochs": result.epochs, "wall_s": round(wall), "cpu_s": round(cpu),
+               "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "load": round(os.getloadavg()[0], 2), **{c: m[c] for c in ACCURACY_COLS}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    cols = [c for c in rows[0] if c.startswith(("sampled", "full"))]
-    print("\n| | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    print(f"| ours (seeds {args.seeds}, mean ± std) | " + " | ".join(
-        f"{np.mean([r[c] for r in rows]):.4f} ± {np.std([r[c] for r in rows], ddof=1) if len(rows) > 1 else 0:.4f}"
-        for c in cols) + " |")
-    print("| published SASRec (Kang & McAuley 2018) | 0.7410 | 0.5360 |" + " |" * (len(cols) - 2))
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    print(variants_table(rows))
+    print("published SASRec (Kang & McAuley 2018), sampled-100 test: HR@10 0.7410, NDCG@10 0.5360")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    import numpy as np
+
+    spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def variants_table(rows: list[dict]) -> str:
+    """One markdown row per label: seeds, each accuracy column's mean ± std, CPU s and peak MB."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    lines = ["| variant | seeds | " + " | ".join(ACCURACY_COLS) + " | best epochs | CPU s / seed | wall s / seed "
+             "| peak MB |", "|---|---|" + "---|" * (len(ACCURACY_COLS) + 4)]
+    for label in labels:
+        rs = [r for r in rows if r["label"] == label]
+        lines.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | "
+                     + " | ".join(mean_std([r[c] for r in rs]) for c in ACCURACY_COLS)
+                     + f" | {'/'.join(str(r['best_epoch']) for r in rs)} | {mean_std([r['cpu_s'] for r in rs], 0)} | "
+                     f"{mean_std([r['wall_s'] for r in rs], 0)} | {max(r['peak_mb'] for r in rs)} |")
+    return "\n".join(lines)
 
 
 def run_loss_cost(args) -> None:
@@ -190,6 +239,11 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="instead: our recipe to early stopping, --seeds seeds")
     ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds for --accuracy")
     ap.add_argument("--out", default="./.mvrec/bench-games", help="run directories of --accuracy")
+    ap.add_argument("--preset", help="--accuracy: the recipe (default sasrec-games)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--accuracy: a train key over the preset")
+    ap.add_argument("--label", help="--accuracy: the variant's name in the table (default: preset and keys)")
+    ap.add_argument("--jsonl", help="--accuracy: append one JSON line per seed to this file")
+    ap.add_argument("--table", metavar="JSONL", help="instead: the variants table of an --accuracy --jsonl file")
     ap.add_argument("--loss-cost", action="store_true", help="instead: CPU ms per step of full, sampled and bce")
     ap.add_argument("--cost-batches", type=int, default=40)
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: run one side
@@ -197,6 +251,9 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=200, help=argparse.SUPPRESS)
     ap.add_argument("--to-convergence", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:  # needs no data
+        print(variants_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
+        return
     data = find_data(args.data)
     if data is None:
         print("SKIP: Amazon Games (Video.txt) not found; pass --data PATH or set MVREC_GAMES")

@@ -3,6 +3,11 @@
     item i ── ItemEmbedding ──> e_i  (used both as the input embedding and as the output/candidate one)
     user seq ── e + position ──> causal Transformer blocks ──> h_t ;  score(t, i) = h_t · e_i
 
+Encoder blocks (train.block):
+    sasrec   pre-norm LayerNorm, x + Attn(LN x), x + FFN(LN x) with a GELU FFN of 4d (SASRec)
+    ligr     RMSNorm and gated residuals, x + σ(W_a n(x))⊙Attn(n x), x + σ(W_f n(x))⊙SwiGLU(n x)
+             (LiGR, the layer eSASRec builds on, arXiv 2508.06450; the gates start half open)
+
 Item representations (`features` is a frozen buffer [n_items + 1, L, D], row 0 = padding):
     id       e = E_id[i]                                 (rare items: one shared learned row, see ItemEmbedding)
     replace  e = W h_i                                   (the content vector replaces the ID)
@@ -190,17 +195,65 @@ class Block(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class LiGRBlock(Block):
+    """Block with RMSNorm, a SwiGLU FFN (hidden 8d/3, the parameters of a 4d GELU FFN) and each
+    residual branch scaled by a sigmoid gate computed from the normalised input."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__(dim, n_heads, dropout)
+        self.ln1, self.ln2 = RMSNorm(dim), RMSNorm(dim)
+        hidden = max(1, 8 * dim // 3)
+        self.ffn = SwiGLU(dim, hidden, dropout)
+        self.gate_attn, self.gate_ffn = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        n = self.ln1(x)
+        q, k, v = self.qkv(n).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if last_only:
+            a, x, n = a[:, :, -1:], x[:, -1:], n[:, -1:]
+        a = self.out(a.transpose(1, 2).reshape(B, x.shape[1], C))
+        x = x + self.drop(torch.sigmoid(self.gate_attn(n)) * a)
+        n = self.ln2(x)
+        return x + torch.sigmoid(self.gate_ffn(n)) * self.ffn(n)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.up, self.down, self.drop = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, g = self.up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(g) * u))
+
+
+BLOCKS = {"sasrec": Block, "ligr": LiGRBlock}  # mvrec.config.BLOCKS
+
+
 class SASRec(nn.Module):
     def __init__(self, items: ItemEmbedding, max_seq_len: int = 10, dim: int = 64,
-                 n_blocks: int = 2, n_heads: int = 2, dropout: float = 0.1):
+                 n_blocks: int = 2, n_heads: int = 2, dropout: float = 0.1, block: str = "sasrec"):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+        if block not in BLOCKS:
+            raise ValueError(f"unknown encoder block {block!r} ({' | '.join(BLOCKS)})")
         self.items = items
         self.pos = nn.Embedding(max_seq_len, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, n_heads, dropout) for _ in range(n_blocks))
-        self.ln = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(BLOCKS[block](dim, n_heads, dropout) for _ in range(n_blocks))
+        self.ln = RMSNorm(dim) if block == "ligr" else nn.LayerNorm(dim)
         self.n_items, self.dim = items.n_items, dim
 
     def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -72,7 +72,7 @@ def build_model(cfg: TrainConfig, n_items: int, features: np.ndarray | torch.Ten
         id_mask = torch.as_tensor(train_counts >= cfg.id_min_count)  # rarer items: content / shared row
     items = ItemEmbedding(n_items, cfg.dim, cfg.representation, feats, id_mask,
                           cfg.id_dropout if cfg.representation != "replace" else 0.0)
-    return SASRec(items, cfg.max_seq_len, cfg.dim, cfg.n_blocks, cfg.n_heads, cfg.dropout)
+    return SASRec(items, cfg.max_seq_len, cfg.dim, cfg.n_blocks, cfg.n_heads, cfg.dropout, cfg.block)
 
 
 def resolve_features(bank, cfg: TrainConfig, log=print) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -200,7 +200,7 @@ def train(data: SeqData, cfg: TrainConfig, features: np.ndarray | None = None, r
                 # full: the inputs and the candidates take their content from one pass over the features
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), \
                         (model.items.content_once() if loss_name == "full" else nullcontext()):
-                    loss = next_item_loss(model, seq, tgt, seen, loss_name, cfg.num_negatives, q)
+                    loss = next_item_loss(model, seq, tgt, seen, loss_name, cfg.num_negatives, q, cfg.gbce_t)
                 opt.zero_grad(set_to_none=True)
                 (loss * (lengths[batch].sum() / mean_positions)).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

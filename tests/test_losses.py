@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recommender.losses import (bce, chunked_cross_entropy, draw_negatives, next_item_loss, resolve_loss,
+from recommender.losses import (bce, chunked_cross_entropy, draw_negatives, gbce, next_item_loss, resolve_loss,
                                 sampled_logits)
 from recommender.model import ItemEmbedding, SASRec
 
@@ -109,7 +109,7 @@ def test_next_item_loss_bce_equals_the_formula_on_the_model():
     assert got.item() == pytest.approx(bce((h * e[[2, 3, 9]]).sum(-1), (h * e[neg]).sum(-1)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("loss", ["full", "sampled", "gbce"])
 def test_loss_masks_history_but_not_the_target(loss):
     torch.manual_seed(0)
     model = SASRec(ItemEmbedding(12, 8, "id"), max_seq_len=4, dim=8).eval()
@@ -132,6 +132,32 @@ def test_loss_masks_history_but_not_the_target(loss):
                     keep[tgt[b, t]] = True
                     expected.append(-torch.log_softmax(logits[keep], 0)[keep[:tgt[b, t] + 1].sum() - 1])
         torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_gbce_is_bce_at_t0_and_raises_the_target_to_alpha_at_t1():
+    torch.manual_seed(0)
+    s_pos, s_neg = torch.randn(6), torch.randn(6, 4)
+    s_neg[0, 1] = float("-inf")  # a blocked negative adds nothing
+    plain = F.binary_cross_entropy_with_logits(torch.cat([s_pos[:, None], s_neg], 1),
+                                               torch.cat([torch.ones(6, 1), torch.zeros(6, 4)], 1), reduction="none")
+    plain[0, 2] = 0.0
+    n_items = 101  # alpha = K / (n - 1) = 0.04
+    torch.testing.assert_close(gbce(s_pos, s_neg, n_items, 0.0), plain.mean())
+    calibrated = plain.clone()
+    calibrated[:, 0] *= 0.04  # t = 1: beta = alpha, -log sigmoid(s)^beta = beta * -log sigmoid(s)
+    torch.testing.assert_close(gbce(s_pos, s_neg, n_items, 1.0), calibrated.mean())
+
+
+def test_ligr_block_last_only_equals_the_last_row_and_differs_from_sasrec():
+    torch.manual_seed(0)
+    model = SASRec(ItemEmbedding(20, 8, "id"), max_seq_len=6, dim=8, n_heads=2, block="ligr").eval()
+    seq = torch.tensor([[0, 0, 0, 4, 5, 6], [0, 0, 1, 2, 3, 7]])
+    torch.testing.assert_close(model(seq, last_only=True)[:, -1], model(seq)[:, -1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(seq)[:, 2:], model(seq[:, 2:]), atol=1e-6, rtol=0)
+    names = {n for n, _ in model.named_parameters()}
+    assert "blocks.0.gate_attn.weight" in names and "blocks.0.ffn.up.weight" in names and "blocks.0.ln1.weight" in names
+    with pytest.raises(ValueError, match="unknown encoder block"):
+        SASRec(ItemEmbedding(20, 8, "id"), dim=8, block="hstu")
 
 
 def test_trimmed_padding_columns_give_the_same_outputs():
