@@ -31,6 +31,7 @@ from deltalake import DeltaTable
 from storage.delta import DeltaTables, StoreNotWritableError
 from storage.records import AsOf, ExtractionBatch, ExtractorRecord, FeatureMatrix, MissingItemsError
 from storage.lease import holder as lease_holder
+from storage.maintenance import maintain, tagged_versions
 from storage.lease import run_lease
 from storage.runs import describe, owner_fields, owner_gone, process_owner
 from storage.schema import ALL_TABLES, DATA_TABLES, PIN_ORDER
@@ -524,14 +525,18 @@ class FeatureStore(DeltaTables):
         Versions named by a tag are kept (their files survive vacuum), so as_of=tag keeps working.
         Un-tagged versions older than the retention may become unreadable after a vacuum.
         """
-        kept: dict[str, set[int]] = {}
-        for snap in self.snapshots():
-            for t, v in snap["versions"].items():
-                kept.setdefault(t, set()).add(int(v))
+        kept = tagged_versions(self)
         if not dry_run:
             self.check_all_writable()  # refuse before any table changed
-        return {name: self.optimize_and_vacuum(name, retention_hours, dry_run, sorted(kept.get(name, ())))
+        return {name: self.optimize_and_vacuum(name, retention_hours, dry_run, kept.get(name, []))
                 for name in ALL_TABLES}
+
+    def maintain(self, max_files: int = 50, max_versions: int = 50,
+                 retention_hours: float = 168.0) -> dict[str, dict[str, Any]]:
+        """What the nightly flow runs: compact, vacuum and checkpoint each table past these
+        thresholds, keeping every tag readable (storage/maintenance.py). Returns, per table, what
+        it found and did."""
+        return maintain(self, max_files=max_files, max_versions=max_versions, retention_hours=retention_hours)
 
 
 def open_store(cfg: Any, create: bool = True) -> FeatureStore:

@@ -52,7 +52,7 @@ def test_maintain_compacts_vacuums_and_checkpoints_and_every_tag_still_reads(bus
     before = table_health(busy, "hidden_states")
     assert before["small_files"] == 24 and before["checkpoint"] is None and before["since_checkpoint"] > 28
 
-    done = maintain(busy, max_files=10, max_versions=10, retention_hours=0)
+    done = busy.maintain(max_files=10, max_versions=10, retention_hours=0)
 
     hs = done["hidden_states"]
     assert hs["action"] == "maintained" and hs["files_removed"] == 48 and hs["files_added"] == 2

@@ -6,6 +6,7 @@ endpoint, so an in-process (threaded) server could not answer. Skips when moto c
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import multiprocessing as mp
 import threading
@@ -86,6 +87,10 @@ def test_store_on_s3_roundtrip(s3_options):
     stats = store.compact(retention_hours=0)
     assert stats["hidden_states"]["version_after"] >= stats["hidden_states"]["version_before"]
     assert store.layer_matrix("e", 0, ["v9"], as_of="one", strict=False).missing == ["v9"]
+    # The nightly maintenance on S3: the checkpoint is found through the object store.
+    done = store.maintain(max_files=0, max_versions=1, retention_hours=0)
+    assert done["hidden_states"]["action"] == "maintained" and done["hidden_states"]["after"]["since_checkpoint"] == 0
+    assert store.layer_matrix("e", 0, ["v9"], as_of="one", strict=False).missing == ["v9"]
 
 
 def test_concurrent_commits_with_conditional_put(s3_options, monkeypatch, tmp_path):
@@ -122,3 +127,33 @@ def test_concurrent_commits_with_conditional_put(s3_options, monkeypatch, tmp_pa
     assert done == {(f"{p}{i}", f"sha{p}{i}") for p in ("first", "a", "b") for i in range(3)}
     with connect(f"s3://{BUCKET}/conditional", storage_options=options) as con:
         assert con.execute("SELECT count(*), count(DISTINCT (video_id, layer)) FROM hidden_states").fetchone() == (18, 18)
+
+
+def test_an_s3_prefix_is_a_video_source_with_a_change_check_that_reads_only_changed_objects(
+        s3_options, tmp_path, monkeypatch):
+    """s3:// sources through s3fs: the prefix is listed with each object's ETag, size and
+    last-modified; an unchanged object is not downloaded again, a replaced one is."""
+    boto3 = pytest.importorskip("boto3")
+    from flows.plan import check_changes
+    from tasks.discover import discover_videos
+
+    for k, v in {"AWS_ENDPOINT_URL": s3_options["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": "test",
+                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3", endpoint_url=s3_options["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    for name in ("a.mp4", "sub/b.mkv", "c.mp4", "notes.txt"):
+        s3.put_object(Bucket=BUCKET, Key=f"videos/{name}", Body=f"bytes of {name}".encode())
+
+    refs = discover_videos(f"s3://{BUCKET}/videos/")
+    assert sorted(r.video_id for r in refs) == ["a", "c", "sub/b"]
+    assert all(r.uri.startswith(f"s3://{BUCKET}/videos/") and r.object_sig for r in refs)
+    store = FeatureStore(tmp_path / "store")  # the file index lives in a local store here
+    first = check_changes(store, refs)
+    assert (first.read_files, first.reused) == (3, 0)
+    again = check_changes(store, discover_videos(f"s3://{BUCKET}/videos/"))
+    assert (again.read_files, again.reused, again.read_bytes) == (0, 3, 0)
+
+    s3.put_object(Bucket=BUCKET, Key="videos/c.mp4", Body=b"a new content for c")
+    changed = check_changes(store, discover_videos(f"s3://{BUCKET}/videos/"))
+    assert (changed.read_files, changed.reused) == (1, 2)
+    assert {r.video_id: r.content_sha256 for r in changed.hashed}["c"] == hashlib.sha256(b"a new content for c").hexdigest()
