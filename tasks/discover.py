@@ -148,6 +148,7 @@ def _from_prefix(uri: str) -> list[VideoRef] | None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache()  # fsspec keeps listings per filesystem: a long-lived process must list anew
     if not fs.isdir(path):
         return None
     protocol = uri.split("://", 1)[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mvrec.devtools.demo_data import make_demo_corpus
+from file_opens import FileOpens
 from mvrec.devtools.test_model import build_test_model
 from video_clips import write_corrupt_files
 
@@ -57,14 +58,21 @@ def test_refresh_then_nothing_new_then_rerun_failed(tmp_path):
     env = _env(tmp_path, MVREC_EXTRACT__MODEL=str(tmp_path / "model"), MVREC_STORE__PATH=str(tmp_path / "store"),
                MVREC_EXTRACT__FRAMES="uniform:4")
 
+    for f in videos.iterdir():  # written over 2 s before hashing: stat signatures it can trust
+        os.utime(f, ns=(time.time_ns() - 10**10,) * 2)
+
     first = _run(["refresh", str(videos)], env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "TEST MODEL" in first.stderr  # every command that loads a test model says so
     assert "broken" in first.stdout and "captions embedded: 4" in first.stdout
 
+    # Nothing changed: the change check trusts every file's recorded stat and opens none of them.
+    watch = FileOpens(videos)
     second = _run(["refresh", str(videos)], env)
+    assert watch.opened() == []
     assert second.returncode == 0
     assert "nothing new" in second.stdout and "4 videos already extracted" in second.stdout
+    assert "change check: 5 unchanged by their stat, 0 read" in second.stdout
 
     # The broken file is replaced by a real video: rerun-failed picks up exactly that one.
     (videos / "broken.mp4").write_bytes(next(videos.glob("1.*")).read_bytes())
