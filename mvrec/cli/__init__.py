@@ -31,6 +31,7 @@ from mvrec.cli import diff as _diff  # noqa: F401,E402  store diff
 from mvrec.cli import status as _status  # noqa: F401,E402  status
 from mvrec.cli import flows as _flows  # noqa: F401,E402  refresh, serve, rerun-failed, demo
 from mvrec.cli import recsys as _recsys  # noqa: F401,E402  train, study, recommend
+from mvrec.cli import items as _items  # noqa: F401,E402  movielens-data, import-items
 
 # Exceptions that mean "the input is wrong", not "mvrec is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
