@@ -210,6 +210,20 @@ def test_sql_shows_the_content_python_readers_are_served_after_a_revert(reverted
             assert sorted(v for v, _ in k) == (["v1", "v3"] if len(k) == 2 else ["v1"])
 
 
+def test_current_caption_without_its_vector_yet(reverted):
+    """B's caption is written before its vector: SQL shows B's caption with a NULL vector, while
+    caption_matrix, which skips captions without a vector, still gives A's (docs/store.md)."""
+    seen = datetime(2026, 1, 9, tzinfo=timezone.utc)
+    reverted.write_batch(ExtractionBatch(
+        videos=[VideoRow("v2", "/data/v2.mp4", "shaY", 10, first_seen=seen, last_seen=seen)],
+        captions=[CaptionRow("v2", "shaY", "e", "caption shaY")],
+        hidden_states=[HiddenStateRow("v2", "shaY", "e", k, np.full(D, 2.0, np.float32)) for k in (0, 3)]))
+    with connect(reverted) as con:
+        assert con.execute("SELECT content_sha256, caption, text_embedding FROM captions WHERE video_id = 'v2'"
+                           ).fetchall() == [("shaY", "caption shaY", None)]
+    assert reverted.caption_matrix("e", ["v2"]).values[0, 0] == 7.0
+
+
 def test_current_view_filters_reach_every_scan(reverted):
     """The bench's fixed query: the layer / extractor filter prunes the files of every scan of
     hidden_states (no scan of other layers, no aggregate over them)."""
