@@ -298,8 +298,8 @@ class ReadOnlyConnection:
         return out
 
     def embedding_dim(self, extractor_id: str, layer: int) -> int | None:
-        row = self._con.execute(
-            "SELECT len(embedding) FROM hidden_states WHERE extractor_id = ? AND layer = ? LIMIT 1",
+        row = self._con.execute(  # every content of a layer has its length: no need to pick one
+            "SELECT len(embedding) FROM hidden_states_history WHERE extractor_id = ? AND layer = ? LIMIT 1",
             [extractor_id, int(layer)]).fetchone()
         return int(row[0]) if row else None
 
