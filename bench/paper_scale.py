@@ -241,7 +241,8 @@ def phase_grid(args) -> dict:
 
     from recommender.data import load_sequences
     from recommender.features import FeatureBank
-    from recommender.study import run_cell, run_study
+    from recommender.engines import SerialEngine
+    from recommender.study import run_study, study_train_config
     from storage import FeatureStore
 
     cfg = config(args, features_dtype=args.dtype)
@@ -257,17 +258,19 @@ def phase_grid(args) -> dict:
         bank = FeatureBank(layers=FeatureStore(cfg.store.path, create=False).layers(args.extractor),
                            snapshot={"kind": "store", "extractor_id": args.extractor})
 
-    def timed_cell(data, bank, cell, *rest):
-        if args.mode == "before":
-            data, bank, seconds = load(args, cfg)
-            loads.append(seconds)
-        t = time.perf_counter()
-        rows = run_cell(data, bank, cell, *rest, max_batches=args.steps)
-        cells_s[cell.name] = time.perf_counter() - t
-        return rows
+    class Timed(SerialEngine):
+        def run(self, unit):
+            if args.mode == "before":
+                self.data, self.bank, seconds = load(args, cfg)
+                loads.append(seconds)
+            t = time.perf_counter()
+            result = super().run(unit)
+            cells_s[unit.cell.name] = time.perf_counter() - t
+            return result
 
     study = dataclasses.replace(cfg.study, representations="id,fuse,dff")
-    run_study(data, bank, cfg.train, study, out, run=timed_cell, cells=grid_cells(bank.layers))
+    engine = Timed(data, bank, study_train_config(cfg.train, study), args.steps, log=lambda m: None)
+    run_study(data, bank, cfg.train, study, out, engine=engine, cells=grid_cells(bank.layers), max_batches=args.steps)
     wall = time.perf_counter() - started
     with open(out / "results.csv") as fh:
         epochs = {r["cell"]: epoch_row(Path(r["run_dir"])) for r in csv.DictReader(fh)}

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from mvrec.config import StudyConfig, TrainConfig
 from recommender.data import SeqData
@@ -78,32 +83,115 @@ def best_layer(rows: list[dict[str, Any]]) -> int | None:
     return max(by_layer, key=lambda l: np.mean(by_layer[l])) if by_layer else None
 
 
-def run_cell(data: SeqData, bank: FeatureBank, cell: Cell, train_cfg: TrainConfig, seeds: int, out_dir: Path,
-             progress: bool = False, log: Callable[[str], None] = print,
-             max_batches: int | None = None) -> list[dict[str, Any]]:
-    """Train `cell` with each seed on the shared `bank` (max_batches: see train)."""
-    rows = []
-    for seed in range(seeds):
-        cfg = dataclasses.replace(train_cfg, representation=cell.representation, seed=seed,
-                                  source=cell.source or train_cfg.source)
-        features, meta = resolve_features(bank, cfg, log)
-        run_dir = out_dir / "runs" / cell.name.replace(" ", "_").replace(":", "-").replace(",", "_") / f"seed{seed}"
-        result = train(data, cfg, features, run_dir, meta={**meta, "cell": cell.name}, progress=progress, log=log,
+@dataclass(frozen=True)
+class Unit:
+    """One cell with one seed: the unit of work that an engine runs and that a rerun skips when done."""
+    cell: Cell
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell.name} seed {self.seed}"
+
+    @property
+    def path(self) -> Path:
+        """Its run directory under the study directory."""
+        return Path("runs") / self.cell.name.replace(" ", "_").replace(":", "-").replace(",", "_") / f"seed{self.seed}"
+
+
+def units_of(cells: list[Cell], seeds: int) -> list[Unit]:
+    return [Unit(cell, seed) for cell in cells for seed in range(seeds)]
+
+
+def run_unit(data: SeqData, bank: FeatureBank, unit: Unit, train_cfg: TrainConfig, max_batches: int | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `unit` on `bank` in a scratch directory -> {"row": its results row, "files": the run
+    directory's files as bytes}. Whatever the engine and the node, the study directory gets the same
+    files from the driver (save_unit), so no worker needs to see it."""
+    cfg = dataclasses.replace(train_cfg, representation=unit.cell.representation, seed=unit.seed,
+                              source=unit.cell.source or train_cfg.source)
+    features, meta = resolve_features(bank, cfg, log)
+    with tempfile.TemporaryDirectory(prefix="mvrec-unit-") as tmp:
+        result = train(data, cfg, features, tmp, meta={**meta, "cell": unit.cell.name}, progress=False, log=log,
                        max_batches=max_batches)
-        rows.append({
-            "cell": cell.name, "representation": cell.representation, "source": cell.source,
-            "layer": cell.layer, "seed": seed, "best_epoch": result.best_epoch, "epochs": result.epochs,
-            "seconds": round(result.seconds, 2),
-            **{f"valid_{m}": result.valid[m] for m in METRICS},
-            **{f"test_{m}": result.test[m] for m in METRICS},
-            **{f"test_cold_{m}": result.test[f"cold/{m}"] for m in METRICS},
-            "cold_users": result.test["cold/n_users"],
-            "layer_weights": json.dumps(result.layer_weights) if result.layer_weights else "",
-            "run_dir": str(result.run_dir),
-        })
-        log(f"{cell.name} seed {seed}: valid HR@10 {result.valid['HR@10']:.4f}, test HR@10 "
-            f"{result.test['HR@10']:.4f} (cold {result.test['cold/HR@10']:.4f}), {result.epochs} epochs")
-    return rows
+        files = {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+    row = {
+        "cell": unit.cell.name, "representation": unit.cell.representation, "source": unit.cell.source,
+        "layer": unit.cell.layer, "seed": unit.seed, "best_epoch": result.best_epoch, "epochs": result.epochs,
+        "seconds": round(result.seconds, 2),
+        **{f"valid_{m}": result.valid[m] for m in METRICS},
+        **{f"test_{m}": result.test[m] for m in METRICS},
+        **{f"test_cold_{m}": result.test[f"cold/{m}"] for m in METRICS},
+        "cold_users": result.test["cold/n_users"],
+        "layer_weights": json.dumps(result.layer_weights) if result.layer_weights else "",
+        "run_dir": "",
+    }
+    return {"row": row, "files": files}
+
+
+# ---------------------------------------------------------------------------------------------
+# Units on disk: written as each finishes, skipped by a rerun of the same study
+# ---------------------------------------------------------------------------------------------
+
+def study_key(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, max_batches: int | None = None) -> str:
+    """What a unit's result depends on besides its cell and seed: the interactions, the features
+    (a store snapshot's table versions, else the matrices' bytes) and the training config."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.users, data.items], separators=(",", ":")).encode())
+    for seq in data.seqs:
+        h.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
+    h.update(json.dumps(bank.snapshot, sort_keys=True, default=str).encode())
+    h.update(json.dumps(bank.layers).encode())
+    for matrix in (bank.hidden, bank.caption):
+        if matrix is None:
+            continue
+        h.update(f"{str(matrix.dtype).removeprefix('torch.')}{tuple(matrix.shape)}".encode())
+        if bank.snapshot.get("kind") != "store":  # a store snapshot names its content already
+            raw = matrix.contiguous().view(torch.uint8).numpy() if isinstance(matrix, torch.Tensor) else matrix
+            h.update(np.ascontiguousarray(raw).data)
+    cfg = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "out"}
+    h.update(json.dumps([cfg, max_batches], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def unit_key(key: str, unit: Unit) -> str:
+    return hashlib.sha256(f"{key}/{unit.name}".encode()).hexdigest()
+
+
+def finished_row(out: Path, unit: Unit, key: str) -> dict[str, Any] | None:
+    """The row of `unit` if an earlier run of the same study wrote it (unit.json, written last)."""
+    try:
+        saved = json.loads((out / unit.path / "unit.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("key") != unit_key(key, unit):
+        return None
+    return {**saved["row"], "run_dir": str(out / unit.path)}  # where it is now, if the study moved
+
+
+def save_unit(out: Path, unit: Unit, result: dict[str, Any], key: str) -> dict[str, Any]:
+    """Write a finished unit's run directory: its files into a scratch folder, unit.json last, then
+    one rename, so a directory with unit.json is complete and a killed write leaves nothing."""
+    final = out / unit.path
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, blob in result["files"].items():
+        if name == "result.json":  # it names the worker's scratch directory
+            blob = json.dumps({**json.loads(blob), "run_dir": str(final)}, indent=2).encode()
+        (partial / name).write_bytes(blob)
+    row = {**result["row"], "run_dir": str(final)}
+    (partial / "unit.json").write_text(json.dumps({"key": unit_key(key, unit), "unit": unit.name, "row": row}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return row
+
+
+def clear_study(out: Path) -> None:
+    """--fresh: forget every finished unit and the report."""
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    for name in ("results.csv", "results.md", "summary.json", "hr10_by_layer.png", "dff_layer_weights.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +282,9 @@ def _compare(agg: list[dict[str, Any]], rows: list[dict[str, Any]], min_targets:
     return out
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, bank: FeatureBank | None = None) -> dict[str, Any]:
+def write_report(rows: list[dict[str, Any]], out: Path, bank: FeatureBank | None = None,
+                 missing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report of the finished units; `missing` lists the units that failed (unit, cell, seed, error)."""
     if not rows:
         raise ValueError("the study grid is empty: load hidden or caption features, or include 'id'")
     with open(out / "results.csv", "w", newline="") as fh:
@@ -203,14 +293,24 @@ def write_report(rows: list[dict[str, Any]], out: Path, bank: FeatureBank | None
         writer.writerows(rows)
     agg = aggregate(rows)
     comparison = _compare(agg, rows)
-    (out / "results.md").write_text(markdown_table(agg, comparison, bank))
+    (out / "results.md").write_text(markdown_table(agg, comparison, bank) + missing_section(missing or []))
     plots = {"hr10_by_layer": plot_layers(agg, out / "hr10_by_layer.png"),
              "dff_layer_weights": plot_dff_weights(rows, out / "dff_layer_weights.png")}
     summary = {"cells": agg, "comparison": comparison, "features": bank.snapshot if bank else {},
+               "missing": missing or [],
                "files": {"results_csv": str(out / "results.csv"), "results_md": str(out / "results.md"),
                          **{k: str(v) for k, v in plots.items() if v}}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def missing_section(missing: list[dict[str, Any]]) -> str:
+    if not missing:
+        return ""
+    cells = sorted({m["cell"] for m in missing})
+    lines = [f"- {m['unit']}: {m['error']}" for m in missing]
+    return (f"\n## Missing units\n\n{len(missing)} unit(s) failed; cells missing seeds: {', '.join(cells)}. "
+            "A rerun runs only these.\n\n" + "\n".join(lines) + "\n")
 
 
 def markdown_table(agg: list[dict[str, Any]], comparison: dict[str, Any], bank: FeatureBank | None) -> str:
@@ -306,16 +406,59 @@ def study_train_config(train_cfg: TrainConfig, study_cfg: StudyConfig) -> TrainC
 
 def run_study(data: SeqData, bank: FeatureBank, train_cfg: TrainConfig, study_cfg: StudyConfig,
               out_dir: str | Path | None = None, progress: bool = False, log: Callable[[str], None] = print,
-              run: Callable[..., list[dict[str, Any]]] = run_cell,
-              report: Callable[..., dict[str, Any]] = write_report, cells: list[Cell] | None = None) -> dict[str, Any]:
-    """The whole grid (or `cells`), every cell on the one loaded `bank`. `run` and `report` default to
-    the plain functions; the flow passes them as tasks."""
+              report: Callable[..., dict[str, Any]] = write_report, cells: list[Cell] | None = None,
+              engine: Any = None, call: Callable[[Any, Unit], dict[str, Any]] | None = None, fresh: bool = False,
+              max_batches: int | None = None) -> dict[str, Any]:
+    """The whole grid (or `cells`) as cell x seed units on `engine` (default: study.engine, see
+    recommender/engines.py), every unit on the one loaded `bank`. Each unit's results are saved as it
+    finishes; a rerun of the same study skips the saved ones (`fresh` forgets them). A unit that
+    still fails after study.retries more tries is reported, and the rest finish. `call(engine, unit)`
+    runs one unit (the flow passes a Prefect task; default: engines.run_with_retries)."""
+    from recommender.engines import make_engine, run_units, run_with_retries
+
     out = Path(out_dir or study_cfg.out)
+    if fresh:
+        clear_study(out)
     out.mkdir(parents=True, exist_ok=True)
     train_cfg = study_train_config(train_cfg, study_cfg)
-    rows: list[dict[str, Any]] = []
-    for cell in cells or build_grid(bank, study_cfg.layers, study_cfg.representations):
-        rows += run(data, bank, cell, train_cfg, study_cfg.seeds, out, progress, log)
-    if "replace" in study_cfg.representations and (layer := best_layer(rows)) is not None:
-        rows += run(data, bank, Cell("replace", f"hidden:{layer}"), train_cfg, study_cfg.seeds, out, progress, log)
-    return report(rows, out, bank)
+    key = study_key(data, bank, train_cfg, max_batches)
+    call = call or (lambda eng, unit: run_with_retries(eng, unit, study_cfg.retries, log))
+    rows: dict[Unit, dict[str, Any]] = {}
+    failed: dict[Unit, str] = {}
+    counts = {"units": 0, "skipped": 0, "ran": 0}
+    engine = engine or make_engine(study_cfg, data, bank, train_cfg, out, max_batches, log)
+
+    def run_all(units: list[Unit]) -> None:
+        todo = []
+        for unit in units:
+            if (row := finished_row(out, unit, key)) is None:
+                todo.append(unit)
+            else:
+                rows[unit] = row
+        counts["units"] += len(units)
+        counts["skipped"] += len(units) - len(todo)
+        log(f"{len(units)} units: {len(units) - len(todo)} finished earlier (skipped), {len(todo)} to run "
+            f"on {engine.describe()}")
+        for unit, outcome in run_units(engine, todo, call):
+            if isinstance(outcome, BaseException):
+                failed[unit] = f"{type(outcome).__name__}: {outcome}"
+                log(f"{unit.name}: FAILED after {study_cfg.retries + 1} tries: {failed[unit]}")
+                continue
+            rows[unit] = row = save_unit(out, unit, outcome, key)
+            counts["ran"] += 1
+            log(f"{unit.name}: valid HR@10 {row['valid_HR@10']:.4f}, test HR@10 {row['test_HR@10']:.4f} "
+                f"(cold {row['test_cold_HR@10']:.4f}), {row['epochs']} epochs [{len(rows)}/{counts['units']}]")
+
+    try:
+        grid = units_of(cells or build_grid(bank, study_cfg.layers, study_cfg.representations), study_cfg.seeds)
+        run_all(grid)
+        if "replace" in study_cfg.representations and (layer := best_layer([rows[u] for u in grid if u in rows])) is not None:
+            grid += (best := units_of([Cell("replace", f"hidden:{layer}")], study_cfg.seeds))
+            run_all(best)
+    finally:
+        engine.close()
+    ordered = [rows[u] for u in grid if u in rows]  # grid order, whichever finished first
+    log(f"study: {counts['units']} units, {counts['skipped']} finished earlier (skipped), {counts['ran']} ran, "
+        f"{len(failed)} failed")
+    missing = [{"unit": u.name, "cell": u.cell.name, "seed": u.seed, "error": e} for u, e in failed.items()]
+    return {**report(ordered, out, bank, missing), "units": {**counts, "failed": len(failed)}, "missing": missing}

@@ -336,7 +336,7 @@ def test_id_rare_items_share_one_learned_row():
     assert emb.rare.grad is not None and emb.rare.grad.abs().sum() > 0
 
 
-def test_the_study_applies_the_rule_to_every_cell():
+def test_the_study_applies_the_rule_to_every_cell(tmp_path, monkeypatch):
     from recommender.study import run_study
     from recommender.train import build_model
 
@@ -345,12 +345,14 @@ def test_the_study_applies_the_rule_to_every_cell():
     bank = FeatureBank(hidden=np.random.default_rng(0).standard_normal((data.n_items + 1, 2, 4)), layers=[0, 1])
     seen = {}
 
-    def record(data, bank, cell, train_cfg, seeds, out, progress, log):  # the cell's config, no training
-        seen[cell.name] = train_cfg
-        return []
+    def record(data, bank, unit, train_cfg, *rest, **kwargs):  # the unit's config, no training
+        seen[unit.cell.name] = train_cfg
+        raise RuntimeError("not trained")
 
-    study = StudyConfig(id_min_count=3, id_dropout=0.25)
-    run_study(data, bank, TrainConfig(), study, "unused", run=record, report=lambda rows, out, bank: {})
+    monkeypatch.setattr("recommender.engines.run_unit", record)
+    study = StudyConfig(id_min_count=3, id_dropout=0.25, seeds=1, retries=0)
+    run_study(data, bank, TrainConfig(), study, tmp_path, log=lambda m: None,
+              report=lambda rows, out, bank, missing: {})
     assert set(seen) == {"id", "fuse hidden:0", "fuse hidden:1", "dff hidden:0,1"}
     for name, cfg in seen.items():
         assert (cfg.id_min_count, cfg.id_dropout) == (3, 0.25), name

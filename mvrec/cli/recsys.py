@@ -108,18 +108,27 @@ def study(
     layers: Optional[str] = typer.Option(None, "--layers", help="Hidden layers to study: all | 0,4,final"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs per run."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (default: study.out)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Where the cell x seed units run: serial | processes | ray."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Units at a time (0: as many as fit)."),
+    gpus_per_unit: Optional[float] = typer.Option(None, "--gpus-per-unit", help="GPU share of a unit (0: CPU)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (with --engine ray)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Forget the units an earlier run finished; start over."),
     plain: bool = typer.Option(False, "--plain", help="Run the grid as plain functions, without Prefect."),
 ) -> None:
-    """Run the paper's grid (id, replace, fuse per layer, dff) and write results.csv, results.md and plots."""
+    """Run the paper's grid (id, replace, fuse per layer, dff) and write results.csv, results.md and plots.
+
+    A rerun of the same study skips the units (cell x seed) that already finished."""
     cfg = get_config(**{"study.seeds": seeds, "study.layers": layers, "study.max_epochs": epochs,
-                        "study.out": str(out) if out else None})
+                        "study.out": str(out) if out else None, "study.engine": engine, "study.workers": workers,
+                        "study.gpus_per_unit": gpus_per_unit, "study.ray_address": ray_address})
     spec = _spec(features, caption_features, synthetic_topics, extractor, caption_extractor, as_of)
     check_store_ids(cfg, {"--extractor": extractor, "--caption-extractor": caption_extractor}, as_of)
     work_started()
     if plain:
         from recommender.study import run_study
 
-        summary = run_study(*_load(interactions, cfg, spec, cfg.study.layers), cfg.train, cfg.study, cfg.study.out)
+        summary = run_study(*_load(interactions, cfg, spec, cfg.study.layers), cfg.train, cfg.study, cfg.study.out,
+                            fresh=fresh)
     else:
         if synthetic_topics:
             err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
@@ -129,10 +138,17 @@ def study(
         configure_prefect(cfg.prefect)
         from flows.study import study_flow
 
-        summary = study_flow(str(interactions), spec, cfg.train, cfg.study, cfg.store, cfg.study.out)
+        summary = study_flow(str(interactions), spec, cfg.train, cfg.study, cfg.store, cfg.study.out, fresh)
     console.print(Path(summary["files"]["results_md"]).read_text(), markup=False, highlight=False)
     for name, path in summary["files"].items():
         console.print(f"{name}: {path}")
+    units = summary["units"]
+    console.print(f"units: {units['units']}, skipped (finished earlier) {units['skipped']}, ran {units['ran']}, "
+                  f"failed {units['failed']}")
+    if units["failed"]:
+        err_console.print(f"{units['failed']} unit(s) failed (listed in results.md); run the same command again "
+                          "to run only those")
+        raise typer.Exit(1)
 
 
 @app.command()
