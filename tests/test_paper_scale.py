@@ -59,7 +59,7 @@ def test_the_bench_runs_end_to_end_at_a_small_shape(tmp_path):
     assert "SYNTHETIC features" in out and "120 items x 3 layers x 16" in out
     for line in ("write:", "one DFF step over every item", "train dff, features float32",
                  "train dff, features bfloat16", "grid before", "grid after", "paper grid: 8 cells",
-                 "PROJECTED epoch", "PROJECTION, no GPU used"):
+                 "PROJECTED epoch", "PROJECTION, a LOWER BOUND, no GPU used"):
         assert line in out, line
     before = next(l for l in out.splitlines() if l.startswith("grid before"))
     after = next(l for l in out.splitlines() if l.startswith("grid after"))
