@@ -61,6 +61,8 @@ def _print_summary(title: str, summary: dict) -> None:
             value = summary[key]
             table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if (summary.get("plane") or {}).get("note"):  # fewer model replicas than asked
+        err_console.print(f"note: {summary['plane']['note']}", markup=False, highlight=False)
     for f in summary.get("failures", [])[:20]:
         console.print(f"  failed {f['video_id']} [{f['stage']}] {f['error_type']}: {f['message']}", markup=False,
                       highlight=False)

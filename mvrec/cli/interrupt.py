@@ -9,6 +9,9 @@ stays (every commit is atomic). The Prefect API this process started is in its o
 If unwinding takes more than GRACE_S (a model still loading in a thread), or a second signal
 comes, the process ends at once: the store is consistent anyway, and a run left `running` is
 shown `abandoned`.
+
+The same policy for a run that fails: Prefect's error reports of its flow and task runs stay in the
+Prefect API, off the terminal, where the CLI prints the error in one line (MVREC_DEBUG=1 shows them).
 """
 
 from __future__ import annotations
@@ -65,10 +68,24 @@ def _give_up(signum: int) -> None:
     os._exit(exit_code(signum))
 
 
-def _not_a_crash_report(record: logging.LogRecord) -> bool:
-    """Prefect's own SIGTERM bridge reports the flow and task runs it unwinds as crashed before it
-    hands the signal on to us: those reports are not errors to show."""
-    return not _received and "termination signal" not in record.getMessage()
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def _off_the_terminal(record: logging.LogRecord) -> bool:
+    """Prefect's error reports of flow and task runs (tracebacks, "Crash detected!", "Finished in
+    state Failed") stay in the Prefect API and off the terminal: the CLI prints the run's error in
+    one line. MVREC_DEBUG=1 shows them."""
+    return not (record.name.startswith(_RUN_LOGGERS) and record.levelno >= logging.ERROR)
+
+
+def _attach_console_filter(record: logging.LogRecord) -> bool:
+    """A run logger's filter: by the first record Prefect has made its console handlers, so the
+    console filter goes on them now (a filter on the run loggers would also keep the records
+    from the Prefect API)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and _off_the_terminal not in handler.filters:
+            handler.addFilter(_off_the_terminal)
+    return True
 
 
 def exit_now(code: int) -> None:
@@ -87,9 +104,10 @@ def exit_now(code: int) -> None:
 def install() -> None:
     """SIGINT and SIGTERM raise Interrupted in the main thread (call from it)."""
     _received.clear()
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if _not_a_crash_report not in logger.filters:
-            logger.addFilter(_not_a_crash_report)
+    if not os.environ.get("MVREC_DEBUG"):
+        for name in _RUN_LOGGERS:
+            logger = logging.getLogger(name)
+            if _attach_console_filter not in logger.filters:
+                logger.addFilter(_attach_console_filter)
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)

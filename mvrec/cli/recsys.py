@@ -133,9 +133,10 @@ def study(
         if synthetic_topics:
             err_console.print("[yellow]note:[/] SYNTHETIC features made from the corpus' ground-truth topics, "
                               "not LVLM features (development only).")
-        from flows.runtime import configure_prefect
+        from flows.runtime import configure_prefect, start_api
 
         configure_prefect(cfg.prefect)
+        start_api()  # before Prefect is imported: its own session, so Ctrl-C to the group leaves it up
         from flows.study import study_flow
 
         summary = study_flow(str(interactions), spec, cfg.train, cfg.study, cfg.store, cfg.study.out, fresh)

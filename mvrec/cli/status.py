@@ -56,6 +56,9 @@ def status_cmd(
         t.add_row(r["started"][:19].replace("T", " "), r["flow"], f"[{style}]{r['status']}[/]" if style else r["status"],
                   "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s", _counts(r["counts"]))
     console.print(t)
+    for r in s["runs"]:
+        if r["message"] and r["status"] == "completed":  # a note: e.g. fewer replicas placed than asked
+            console.print(f"  note on run {r['run_id']}: {r['message']}", markup=False, highlight=False)
 
     f = s["failures"]
     t = Table("stage", "error", "videos", "examples", title=f"open failures: {f['open']}", title_justify="left")
