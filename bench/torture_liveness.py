@@ -160,7 +160,8 @@ def wait_for_pause(proc: subprocess.Popen, marker: Path, timeout: float = 600) -
     return True
 
 
-def interrupted_run(b: Bench, name: str, command: str, sig: int, engine: str = "threads") -> Result:
+def interrupted_run(b: Bench, name: str, command: str, sig: int, engine: str = "threads",
+                    bound_s: float | None = SIGNAL_BOUND_S) -> Result:
     """refresh / rerun-failed, signalled after its first hidden_states commit; checked exactly."""
     t = b.root / f"case-{uuid.uuid4().hex[:8]}"
     t.mkdir()
@@ -186,7 +187,7 @@ def interrupted_run(b: Bench, name: str, command: str, sig: int, engine: str = "
         return Result(name, proc.returncode, 0.0, 0, [f"never reached its first commit: {out.read_text()[-400:]!r}"])
     rc, seconds, lines = signal_group(proc, sig, out)
     b.close_ray() if engine == "ray" else None
-    problems += _after_signal(rc, seconds, lines, sig)
+    problems += _after_signal(rc, seconds, lines, sig, bound_s)
     runs = _run_rows(store)
     mine = {r: v["status"] for r, v in runs.items() if v["owner"] and json.loads(v["owner"])["pid"] == proc.pid}
     if not mine or any(s != "failed" for s in mine.values()):
@@ -203,10 +204,11 @@ def interrupted_run(b: Bench, name: str, command: str, sig: int, engine: str = "
     return Result(name, rc, seconds, len(lines), problems, (lines or [""])[-1])
 
 
-def _after_signal(rc: int | None, seconds: float, lines: list[str], sig: int) -> list[str]:
+def _after_signal(rc: int | None, seconds: float, lines: list[str], sig: int,
+                  bound_s: float | None = SIGNAL_BOUND_S) -> list[str]:
     problems = [] if rc == 128 + sig else [f"exit {rc}, want {128 + sig}"]
-    if seconds > SIGNAL_BOUND_S:
-        problems.append(f"{seconds:.1f} s to exit, want <= {SIGNAL_BOUND_S:.0f}")
+    if bound_s is not None and seconds > bound_s:
+        problems.append(f"{seconds:.1f} s to exit, want <= {bound_s:.0f}")
     if len(lines) > 3 or any("Traceback" in x for x in lines):
         problems.append(f"{len(lines)} lines after the signal: {lines[:6]}")
     return problems
