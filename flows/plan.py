@@ -140,7 +140,8 @@ def check_changes(store: FeatureStore, refs: Sequence[VideoRef], verify: bool = 
                 index.select(["uri", "signature", "content_sha256", "bytes"]), keys=["uri", "signature"],
                 join_type="inner")
             for i, sha, size in zip(*(found.column(c).to_pylist() for c in ("i", "content_sha256", "bytes")), strict=True):
-                known[i] = replace(refs[i], content_sha256=sha, bytes=size)
+                r = refs[i]  # a plain constructor: dataclasses.replace cost 2 s per 100k refs
+                known[i] = VideoRef(r.video_id, r.uri, size, sha, r.problem, r.stat, r.object_sig)
     fresh, unreadable = hash_videos([r for i, r in enumerate(refs) if i not in known])
     trusted = [r for r in fresh if signature(r)]
     if trusted:

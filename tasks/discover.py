@@ -70,7 +70,8 @@ def signature(ref: VideoRef) -> str:
     signature recorded when its hash was taken: local "local:size:mtime_ns:ctime_ns:inode", an
     object "object:etag:size:last-modified"; "" when unknown (the file is hashed)."""
     if ref.stat is not None:
-        return "local:" + ":".join(str(x) for x in ref.stat)
+        size, mtime, ctime, inode = ref.stat
+        return f"local:{size}:{mtime}:{ctime}:{inode}"
     return f"object:{ref.object_sig}" if ref.object_sig else ""
 
 
@@ -164,31 +165,46 @@ def _from_prefix(uri: str) -> list[VideoRef] | None:
 
 def _from_directory(root: Path) -> list[VideoRef]:
     """Video files below root in sorted path order, following directory symlinks but never into one
-    of their own parents."""
+    of their own parents. A plain regular file costs one lstat (its signature comes with it);
+    symlinks, odd names and anything not regular take the careful path (_file_ref)."""
     refs: list[VideoRef] = []
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    def walk(folder: Path, parents: frozenset[str]) -> None:
+    def walk(folder: Path, real_folder: str, prefix: str, parents: frozenset[str]) -> None:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
             refs.append(VideoRef(rel(folder), str(folder), problem=f"UnreadableDirectory: {e}"))
             return
         for entry in entries:
-            path = Path(entry.path)
-            if path.is_dir():  # follows symlinks; False for a dangling link or a loop
+            link = entry.is_symlink()
+            # A link is followed (pathlib: False for a dangling link or a loop); else d_type, no stat.
+            if Path(entry.path).is_dir() if link else entry.is_dir(follow_symlinks=False):
+                path = Path(entry.path)
                 real = os.path.realpath(path)
                 if real in parents:
                     refs.append(VideoRef(rel(path), str(path),
                                          problem=f"SymlinkLoop: {path} -> {real} is one of its parents, not followed"))
                 else:
-                    walk(path, parents | {real})
-            elif path.suffix.lower() in VIDEO_EXTENSIONS:
-                refs.append(_file_ref(path.relative_to(root).with_suffix("").as_posix(), path))
+                    walk(path, real, f"{prefix}{entry.name}/", parents | {real})
+                continue
+            stem, dot, ext = entry.name.rpartition(".")
+            if not stem or f"{dot}{ext}".lower() not in VIDEO_EXTENSIONS:  # ".mp4" alone has no stem
+                continue
+            if link or not entry.is_file(follow_symlinks=False) or escape_name(entry.path) != entry.path:
+                refs.append(_file_ref(prefix + stem, Path(entry.path)))
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:  # gone since the listing
+                refs.append(VideoRef(prefix + stem, entry.path, problem=f"{type(e).__name__}: {e}"))
+                continue
+            refs.append(VideoRef(prefix + stem, os.path.join(real_folder, entry.name), stat=_signature(st)))
 
-    walk(root, frozenset({os.path.realpath(root)}))
+    real_root = os.path.realpath(root)
+    walk(root, real_root, "", frozenset({real_root}))
     return refs
 
 
