@@ -258,7 +258,7 @@ def test_gpu_image_is_vllm_and_keeps_its_torch():
     as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
     assert as_tuple(tag[1:]) >= as_tuple(minimum), f"base {tag} is older than the [vllm] extra's {minimum}"
     installs = [rest for word, rest in instr if word == "RUN" and "pip install" in rest]
-    assert installs and all("'.[vllm]'" in r and "-c /opt/mvrec/vllm-pins.txt" in r and
+    assert installs and all("'.[vllm,ray]'" in r and "-c /opt/mvrec/vllm-pins.txt" in r and
                            "-c constraints/lock-gpu.txt" in r for r in installs)
     for r in installs:
         assert not re.search(r"\btorch(vision|audio)?[=<>]", r), "the GPU image must not install its own torch"
