@@ -73,7 +73,8 @@ class Bench:
         self.cluster = None
 
     def env(self, store: Path, token: str, **extra: str) -> dict[str, str]:
-        return {**self.crash.env_for(self.root, store, token, **extra), "COLUMNS": "200"}
+        # unbuffered, as on a terminal: what is printed after the signal was printed after it
+        return {**self.crash.env_for(self.root, store, token, **extra), "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
     def ray(self, gpu_nodes: int = 0):
         """A local cluster: a head with 2 CPUs (decode, CPU replicas), and `gpu_nodes` nodes with one
@@ -230,7 +231,7 @@ def interrupted_study(b: Bench, sig: int) -> Result:
     t.mkdir()
     token, out, corpus = uuid.uuid4().hex, t / "out.log", b.root / "corpus"
     proc = start(["study", "-i", str(corpus / "pairs.tsv"), "--synthetic-topics", str(corpus / "corpus.json"),
-                  "--seeds", "3", "--epochs", "50", "--layers", "0,final", "-o", str(t / "study")],
+                  "--seeds", "3", "--epochs", "50", "--layers", "0,4", "-o", str(t / "study")],
                  b.env(t / "store", token), t, out)
     # a cell has started once the study directory holds anything
     deadline = time.monotonic() + 900

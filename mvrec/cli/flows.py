@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any, Optional
 
 import typer
@@ -183,7 +184,25 @@ def serve(
 
     params = {"source": source or cfg.refresh.source, "interactions": interactions}
     console.print(f"serving deployment nightly-refresh/{name or cfg.refresh.deployment} on {cron!r}")
-    nightly_refresh.serve(name=name or cfg.refresh.deployment, cron=cron, parameters=params)
+    _serve(nightly_refresh, name or cfg.refresh.deployment, cron, params)
+
+
+def _serve(flow, name: str, cron: str, params: dict) -> None:
+    """What `flow.serve` does, with SIGTERM handled as Ctrl-C is (one line, exit 143): Prefect's
+    runner takes SIGTERM for its own graceful stop, which exits 0 after several lines."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    from mvrec.cli import interrupt
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            interrupt.on_signal(signal.SIGTERM, None)
+
+    runner = _Runner(name=name)
+    runner.add_flow(flow, name=name, cron=cron, parameters=params)
+    asyncio.run(runner.start())
 
 
 @app.command()

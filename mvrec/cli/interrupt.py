@@ -40,7 +40,8 @@ def exit_code(signum: int) -> int:
     return 128 + signum  # what a shell shows for a process ended by that signal
 
 
-def _handler(signum: int, frame) -> None:
+def on_signal(signum: int, frame) -> None:
+    """The handler: Interrupted in the main thread; a second signal ends the process at once."""
     if _received:  # a second Ctrl-C: stop now
         os._exit(exit_code(_received[0]))
     _received.append(signum)
@@ -92,12 +93,17 @@ def exit_now(code: int) -> None:
     """Run the exit handlers (the Prefect API's stop, Ray's shutdown), flush, and end without the
     interpreter's own teardown: freeing a loaded model and the native libraries' thread pools took
     5 s of the 10 on a loaded machine, and nothing in it matters to a stopped run."""
-    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe
             pass
+    # The one line is out; what cleanup says from here is not the user's business (Prefect's log
+    # thread complains when the API it sends to has just been stopped).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    atexit._run_exitfuncs()
     os._exit(code)
 
 
@@ -109,5 +115,5 @@ def install() -> None:
             logger = logging.getLogger(name)
             if _attach_console_filter not in logger.filters:
                 logger.addFilter(_attach_console_filter)
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
