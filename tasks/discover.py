@@ -51,7 +51,7 @@ TRANSIENT_PROBLEMS = frozenset({"ReadTimeout", "ContentChanged"})
 _RACY_NS = 2_000_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a night's refs are 100,000s of them
 class VideoRef:
     video_id: str
     uri: str  # absolute local path or a URI
