@@ -13,6 +13,7 @@ their ratio (goal: ours <= 0.5x), and each side's peak resident memory (ru_maxrs
     python bench/games.py --accuracy [--seeds 0,1,2]   # our recipe to early stopping: test HR/NDCG, sampled-100
                                                        # and full ranking, mean +- std over seeds, vs published
     python bench/games.py --loss-cost                  # CPU ms per training step of full, sampled and bce
+    python bench/games.py --loss-cost --losses full --set block=ligr   # ... of a variant's model
     python bench/games.py --accuracy --preset esasrec-games --set loss=full --label "ligr, full" \
                           --jsonl variants.jsonl            # one variant of the backbone, 3 seeds
     python bench/games.py --table variants.jsonl           # the variants table: 3-seed mean ± std each
@@ -190,7 +191,8 @@ def variants_table(rows: list[dict]) -> str:
 
 
 def run_loss_cost(args) -> None:
-    """CPU ms per training step (forward, backward, optimizer) of each loss on the same Games batches."""
+    """CPU ms per training step (forward, backward, optimizer) of each loss on the same Games batches;
+    the model is --preset (default ours) with the --set keys (e.g. block=ligr, dim=64)."""
     import numpy as np
     import torch
 
@@ -200,16 +202,17 @@ def run_loss_cost(args) -> None:
     from recommender.train import build_model, length_batches
 
     torch.set_num_threads(1)
-    cfg = preset_config(SIDES["ours"])
+    cfg = preset_config(args.preset or SIDES["ours"], **parse_sets(args.set))
     data = load_sequences(args.data, cfg.min_seq_len, cfg.max_seq_len)
     lengths = (data.train_targets != 0).sum(1)
     batches = length_batches(lengths, np.flatnonzero(lengths), cfg.batch_size, torch.Generator().manual_seed(0))
     batches = batches[:args.cost_batches]
     hp, hi = data.history("valid")
     T = data.train_inputs.shape[1]
-    print(f"loss cost on {len(batches)} Games batches of {cfg.batch_size} users ({data.n_items} items, dim {cfg.dim}), "
-          f"1 thread, load {os.getloadavg()[0]:.2f}")
-    for loss in ("full", "sampled", "bce", "full", "sampled", "bce"):  # twice: the second round is warm
+    print(f"loss cost on {len(batches)} Games batches of {cfg.batch_size} users ({data.n_items} items, dim {cfg.dim}, "
+          f"block {cfg.block}, {cfg.num_negatives} negatives), 1 thread, load {os.getloadavg()[0]:.2f}")
+    losses = args.losses.split(",")
+    for loss in losses + losses:  # twice: the second round is warm
         torch.manual_seed(0)
         model = build_model(cfg, data.n_items)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -218,7 +221,8 @@ def run_loss_cost(args) -> None:
             w = int(lengths[b].max())
             seen = history_mask(hp, hi, b, data.n_items + 1)
             out = next_item_loss(model, torch.as_tensor(data.train_inputs[b, T - w:]),
-                                 torch.as_tensor(data.train_targets[b, T - w:]), seen, loss, cfg.num_negatives)
+                                 torch.as_tensor(data.train_targets[b, T - w:]), seen, loss, cfg.num_negatives,
+                                 None, cfg.gbce_t)
             opt.zero_grad()
             out.backward()
             opt.step()
@@ -246,6 +250,7 @@ def main() -> None:
     ap.add_argument("--table", metavar="JSONL", help="instead: the variants table of an --accuracy --jsonl file")
     ap.add_argument("--loss-cost", action="store_true", help="instead: CPU ms per step of full, sampled and bce")
     ap.add_argument("--cost-batches", type=int, default=40)
+    ap.add_argument("--losses", default="full,sampled,bce", help="--loss-cost: comma list of losses to time")
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: run one side
     ap.add_argument("--max-minutes", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--max-epochs", type=int, default=200, help=argparse.SUPPRESS)
