@@ -23,6 +23,7 @@ bit-identical whichever engine ran it (tests/test_study_engines.py).
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -123,6 +124,17 @@ def share_bank(bank: FeatureBank, folder: Path) -> dict[str, Any]:
             os.replace(partial, path)  # a new file: a worker of a killed run may still map the old one
             arrays[name] = str(path)
     return arrays
+
+
+def shared_folder(out: Path, bank: FeatureBank) -> Path:
+    """Where the processes engine writes the bank: shared memory (/dev/shm) when it has room, so the
+    pages are never written to disk nor dropped and read again; else the study directory. The name
+    follows the study directory, so a rerun after a kill replaces what the killed run left."""
+    need = sum(torch.as_tensor(m).nbytes for m in (bank.hidden, bank.caption) if m is not None)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * need:
+        return shm / f"mvrec-features-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+    return out / ".shared-features"
 
 
 def open_bank(shared: dict[str, Any]) -> FeatureBank:
@@ -267,7 +279,7 @@ def make_engine(study_cfg: StudyConfig, data: SeqData, bank: FeatureBank, train_
     if study_cfg.engine == "serial":
         return SerialEngine(data, bank, train_cfg, max_batches, log)
     if study_cfg.engine == "processes":
-        return ProcessEngine(data, bank, train_cfg, study_cfg.workers, out / ".shared-features", max_batches,
+        return ProcessEngine(data, bank, train_cfg, study_cfg.workers, shared_folder(out, bank), max_batches,
                              study_cfg.gpus_per_unit)
     if study_cfg.engine == "ray":
         return RayEngine(data, bank, train_cfg, study_cfg.ray_address, study_cfg.workers, study_cfg.gpus_per_unit,

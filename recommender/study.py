@@ -173,7 +173,7 @@ def save_unit(out: Path, unit: Unit, result: dict[str, Any], key: str) -> dict[s
     """Write a finished unit's run directory: its files into a scratch folder, unit.json last, then
     one rename, so a directory with unit.json is complete and a killed write leaves nothing."""
     final = out / unit.path
-    partial = final.with_name(final.name + ".partial")
+    partial = final.with_name(f".{final.name}.partial")  # hidden: no glob of run directories sees it
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name, blob in result["files"].items():

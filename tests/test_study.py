@@ -52,8 +52,10 @@ def test_small_study_end_to_end_through_the_flow(tmp_path, prefect_harness):
 
     out = tmp_path / "study"
     spec = FeatureSpec(features=str(tmp_path / "hidden.npz"), caption_features=str(tmp_path / "caption.npy"))
-    summary = study_flow(str(pairs), spec, train_cfg=TrainConfig(dim=16, num_threads=1, patience=2),
-                         study_cfg=StudyConfig(seeds=3, max_epochs=3, batch_size=64), out_dir=str(out))
+    state = study_flow(str(pairs), spec, train_cfg=TrainConfig(dim=16, num_threads=1, patience=2),
+                       study_cfg=StudyConfig(seeds=3, max_epochs=3, batch_size=64), out_dir=str(out),
+                       return_state=True)
+    summary = state.result()
 
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -70,6 +72,15 @@ def test_small_study_end_to_end_through_the_flow(tmp_path, prefect_harness):
     weights = [json.loads(r["layer_weights"]) for r in rows if r["representation"] == "dff"]
     assert all(len(w) == 3 and sum(w) == pytest.approx(1.0) for w in weights)
     assert summary["comparison"]["best_hidden_fusion"]
+    # every unit (cell x seed) is a task run of the flow: a failed one shows, and can be retried, alone
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    units = sorted(r.name for r in runs if r.name.startswith("unit "))
+    assert units == sorted(f"unit {c} seed {s}" for c in cells for s in range(3))
+    assert all(r.state.is_completed() for r in runs)
     # the caption run recorded the items that had no caption vector
     cfg = json.loads((out / "runs" / "fuse_caption" / "seed0" / "config.json").read_text())
     assert sorted(cfg["features"]["missing_items"]) == sorted(ids[-3:])
