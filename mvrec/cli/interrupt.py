@@ -46,6 +46,7 @@ def on_signal(signum: int, frame) -> None:
         os._exit(exit_code(_received[0]))
     _received.append(signum)
     _quiet_consoles()
+    sys.stdout, sys.stderr = _MainThreadOnly(sys.stdout), _MainThreadOnly(sys.stderr)
     timer = threading.Timer(GRACE_S, _give_up, (signum,))
     timer.daemon = True
     timer.start()
@@ -61,6 +62,22 @@ def _quiet_consoles() -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.addFilter(lambda record: False)
+
+
+class _MainThreadOnly:
+    """A stream that drops what other threads write: work still running in a thread while the main
+    thread unwinds (a study unit's epoch lines) is not to be printed after the signal."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _give_up(signum: int) -> None:
