@@ -267,7 +267,8 @@ def store_facts(store: Path) -> dict:
             h = table_health(fs, name)
         except Exception:  # noqa: BLE001 - a table older code does not have
             continue
-        tables[name] = {"version": h["version"], "files": h["files"]}
+        disk = sum(f.stat().st_size for f in (store / name).rglob("*") if f.is_file())  # live and not yet vacuumed
+        tables[name] = {"version": h["version"], "files": h["files"], "disk_mb": disk / 2**20}
     con = connect(fs)
     best = []
     for _ in range(3):
@@ -333,7 +334,8 @@ def show(n: dict, facts: dict) -> None:
     print(f"  change check: {n['hash_reused']} reused, {n['hash_read']} read, {n['video_bytes_read_by_check']} video bytes"
           f" | tree read {n['rchar'] / 1e6:.1f} MB (rchar), {n['read_bytes'] / 1e6:.1f} MB from disk"
           f" | peak tree RSS {n['peak_tree_rss_mb']:.0f} MB | {n['commits']} write_batch calls")
-    print("  store: " + ", ".join(f"{k} v{v['version']}/{v['files']} files" for k, v in facts["tables"].items())
+    print("  store: " + ", ".join(f"{k} v{v['version']}/{v['files']} files/{v.get('disk_mb', 0):.0f} MB"
+                                  for k, v in facts["tables"].items())
           + f" | query {facts['query_s'] * 1000:.0f} ms | {facts['videos_rows']} video rows, "
           f"{facts['videos_distinct']} distinct")
 
@@ -365,6 +367,7 @@ def main() -> None:
     ap.add_argument("--model", default="standin:0:4x16")
     ap.add_argument("--work", default=str(HERE.parent / "out" / "nightly"))
     ap.add_argument("--json", default="", help="write every night's figures here")
+    ap.add_argument("--again", action="store_true", help="only an unchanged night on each store left in --work")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -375,7 +378,7 @@ def main() -> None:
            "PYTHONPATH": os.environ.get("PYTHONPATH") or str(HERE.parent.parent)}
     print(f"code: {env['PYTHONPATH']}; model {args.model} (stand-in, 0 s); threads OMP_NUM_THREADS="
           f"{env['OMP_NUM_THREADS']}; cores {os.cpu_count()}; load {open('/proc/loadavg').read().split()[:3]}")
-    for d in ("store-small", "store-large", "corpus-small", "corpus-large"):
+    for d in () if args.again else ("store-small", "store-large", "corpus-small", "corpus-large"):
         shutil.rmtree(work / d, ignore_errors=True)
     if not (work / "store-template").is_dir():  # the rows every copy gets: one real refresh of the templates
         refresh(work, tpl[0].parent, work / "store-template", env, "template")
@@ -396,9 +399,11 @@ def main() -> None:
         night(root, store, label)
 
     for size, name in ((args.small, "small"), (args.videos, "large")):
-        if not size:
-            continue
         root, store = work / f"corpus-{name}", work / f"store-{name}"
+        if args.again and store.is_dir():
+            night(root, store, f"again: unchanged@{name}")
+        if args.again or not size:
+            continue
         files = add_videos(root, 0, size, tpl)
         corpus_bytes = sum(f.stat().st_size for f in files)
         print(f"\n{name}: {size} videos, {corpus_bytes / 1e6:.1f} MB; seeding (night 1) ...")
