@@ -33,6 +33,7 @@ import atexit
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -202,11 +203,25 @@ def tree_rss_mb(root: int) -> float:
     return total / 2**20
 
 
-def refresh(work: Path, source: Path, store: Path, env: dict, label: str) -> dict:
-    out = work / "night.json"
+def reads_by_file(trace: Path, source: Path, store: Path) -> dict:
+    """Bytes that strace saw read, by what was read: video files, each store table, the rest."""
+    out: dict[str, int] = {}
+    for line in trace.read_text(errors="replace").splitlines():
+        m = re.match(r"^\d+\s+\w+\(\d+<([^>]*)>.*\)\s+=\s+(\d+)$", line)
+        if m:
+            path = m.group(1)
+            what = ("video files" if path.startswith(str(source)) else
+                    "store " + path[len(str(store)):].split("/")[1] if path.startswith(str(store)) else "Python, libraries, other")
+            out[what] = out.get(what, 0) + int(m.group(2))
+    return out
+
+
+def refresh(work: Path, source: Path, store: Path, env: dict, label: str, strace: bool = False) -> dict:
+    out, trace = work / "night.json", work / "strace.txt"
     out.unlink(missing_ok=True)
     t = time.time()
-    proc = subprocess.Popen([sys.executable, str(HERE), "--child", str(out), "--", "refresh", str(source)],
+    wrap = ["strace", "-f", "-qq", "-y", "-e", "trace=read,pread64,readv,preadv,preadv2", "-o", str(trace)] if strace else []
+    proc = subprocess.Popen(wrap + [sys.executable, str(HERE), "--child", str(out), "--", "refresh", str(source)],
                             env={**env, "MVREC_STORE__PATH": str(store)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     peak, done = [0.0], threading.Event()
@@ -224,7 +239,10 @@ def refresh(work: Path, source: Path, store: Path, env: dict, label: str) -> dic
     if proc.returncode:
         raise SystemExit(f"{label}: mvrec refresh exited {proc.returncode}:\n{text[-3000:]}")
     ev = json.loads(out.read_text())
-    return phases(ev, wall, t, peak[0], text, label)
+    night = phases(ev, wall, t, peak[0], text, label)
+    if strace:
+        night["reads_by_file"] = reads_by_file(trace, source, store)
+    return night
 
 
 def phases(ev: dict, wall: float, launched: float, peak_mb: float, text: str, label: str) -> dict:
@@ -256,6 +274,22 @@ def phases(ev: dict, wall: float, launched: float, peak_mb: float, text: str, la
             "maxrss_mb": ev["maxrss_mb"]}
 
 
+def log_totals(table: Path) -> dict:
+    """What the table's commits wrote and removed, from its Delta log: a commit that removes files
+    rewrote them (copy-on-write)."""
+    tot = {"commits": 0, "rewrites": 0, "added_mb": 0.0, "removed_mb": 0.0, "delta_s": 0.0}
+    for f in (table / "_delta_log").glob("*.json"):
+        actions = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        removed = sum(a["remove"].get("size") or 0 for a in actions if "remove" in a)
+        info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+        tot["commits"] += 1
+        tot["rewrites"] += bool(removed) and info.get("operation") == "WRITE"
+        tot["added_mb"] += sum(a["add"]["size"] for a in actions if "add" in a) / 2**20
+        tot["removed_mb"] += removed / 2**20
+        tot["delta_s"] += ((info.get("operationMetrics") or {}).get("execution_time_ms") or 0) / 1000
+    return tot
+
+
 def store_facts(store: Path) -> dict:
     from storage import FeatureStore, connect
     from storage.maintenance import table_health
@@ -268,7 +302,7 @@ def store_facts(store: Path) -> dict:
         except Exception:  # noqa: BLE001 - a table older code does not have
             continue
         disk = sum(f.stat().st_size for f in (store / name).rglob("*") if f.is_file())  # live and not yet vacuumed
-        tables[name] = {"version": h["version"], "files": h["files"], "disk_mb": disk / 2**20}
+        tables[name] = {"version": h["version"], "files": h["files"], "disk_mb": disk / 2**20, "log": log_totals(store / name)}
     con = connect(fs)
     best = []
     for _ in range(3):
@@ -326,7 +360,7 @@ def seed(store: Path, source: Path, template_store: Path) -> float:
 # The run
 
 
-def show(n: dict, facts: dict) -> None:
+def show(n: dict, facts: dict, prev: dict | None) -> None:
     p = {k: v for k, v in n["phases"].items() if v is not None}
     print(f"\n{n['night']}: {n['wall_s']:.1f} s wall, {n['new_videos']} extracted, Prefect "
           f"{'started' if n['prefect_started'] else 'not started'}, load {os.getloadavg()[0]:.1f}")
@@ -338,6 +372,14 @@ def show(n: dict, facts: dict) -> None:
                                   for k, v in facts["tables"].items())
           + f" | query {facts['query_s'] * 1000:.0f} ms | {facts['videos_rows']} video rows, "
           f"{facts['videos_distinct']} distinct")
+    for name, t in facts["tables"].items():
+        was = (prev or {}).get("tables", {}).get(name, {}).get("log", {})
+        d = {k: t["log"][k] - was.get(k, 0) for k in t["log"]}
+        if d["commits"]:
+            print(f"  {name} commits: {d['commits']}, {d['rewrites']} rewriting files: +{d['added_mb']:.0f} MB "
+                  f"written, {d['removed_mb']:.0f} MB of files replaced, {d['delta_s']:.1f} s in delta-rs")
+    if "reads_by_file" in n:
+        print("  read (strace): " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(n["reads_by_file"].items())))
 
 
 def project(results: dict, small: int, large: int) -> None:
@@ -368,6 +410,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE.parent / "out" / "nightly"))
     ap.add_argument("--json", default="", help="write every night's figures here")
     ap.add_argument("--again", action="store_true", help="only an unchanged night on each store left in --work")
+    ap.add_argument("--strace", action="store_true", help="attribute each night's reads to files (slows it)")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -385,12 +428,15 @@ def main() -> None:
     results: dict = {}
     new_count = max(1, round(args.new * args.videos))
 
+    last: dict = {}
+
     def night(source, store, label):
-        n = refresh(work, source, store, env, label)
+        n = refresh(work, source, store, env, label, strace=args.strace)
         facts = store_facts(store)
         n["store"], n["load"] = facts, os.getloadavg()
         results[label] = n
-        show(n, facts)
+        show(n, facts, last.get(store))
+        last[store] = facts
 
     def grow(root, files, label):
         files += add_videos(root, len(files), new_count, tpl)
