@@ -266,10 +266,11 @@ def test_one_log_line_per_epoch_and_a_validation_subsample(tmp_path):
     assert sub.n_users == 100 and sub.train_counts is data.train_counts
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled", "bce"])
-def test_every_loss_trains(tmp_path, loss):
+@pytest.mark.parametrize("loss,block", [("full", "sasrec"), ("sampled", "sasrec"), ("bce", "sasrec"), ("sampled", "ligr")])
+def test_every_loss_trains(tmp_path, loss, block):
     data, _ = _planted_data()
-    cfg = TrainConfig(dim=16, batch_size=32, lr=5e-3, max_epochs=6, num_threads=1, loss=loss, num_negatives=64)
+    cfg = TrainConfig(dim=16, batch_size=32, lr=5e-3, max_epochs=6, num_threads=1, loss=loss, num_negatives=64,
+                      block=block)
     result = train(data, cfg, None, tmp_path / loss, progress=False, log=lambda m: None)
     assert result.test["HR@10"] > 2 * 10 / data.n_items, result.test  # users follow topics: well above chance
 
