@@ -21,6 +21,10 @@ written over a file), and a last unchanged night.
 Each night runs `python bench/nightly.py --child OUT -- refresh SRC`: the CLI's own main() in a
 process of its own, with timers on the functions whose time a phase is (pending_work, start_api,
 the data plane's hand-over, write_batch, embed-captions, embed_texts, maintain); they only observe.
+Control plane = wall - the time the flow waited on the data plane - the text model's time.
+After each night: each table's version, files, size on disk and what its commits wrote and
+replaced (its Delta log), and the fixed query. `--again` runs one unchanged night on each store
+left in --work; `--strace` attributes a night's reads to video files, store tables and the rest.
 Bytes read are the child's /proc/self/io at exit, which includes its reaped children (the Prefect
 API); they count every file read (Python modules, the store, videos). Peak RSS: the process tree
 polled every 0.1 s. Works against older code (PYTHONPATH=<worktree>): the phases it lacks are None.
