@@ -4,15 +4,15 @@
     python bench/nightly.py --videos 2000 --small 500 --nights 3          # a quick run
 
 Corpus: copies (each its own inode) of ~20 real demo videos (mvrec.devtools.demo_data, 1-2 s clips
-of 5-80 KB), 1,000 per folder; a copy holds exactly its template's bytes, so copies of one template
-share a content hash. mtimes are set 5 s in the past: the change check trusts no file modified
-within 2 s of hashing. Model: the accelerator stand-in at 0 s per video (--model, 4 layer rows x 16),
+of 5-80 KB), 1,000 per folder; a copy holds its template's bytes plus a short unique trailer, so
+every file has its own content hash, as in a real corpus. mtimes are set 5 s in the past: the
+change check trusts no file modified within 2 s of hashing. Model: the accelerator stand-in at 0 s per video (--model, 4 layer rows x 16),
 so model time is zero; caption vectors come from the configured text model (real work).
 
 Night 1 (the seed) writes the store with the code a refresh runs: a real `mvrec refresh` over the
 templates gives every row (videos, extractor, captions with vectors, hidden states of every layer);
 the corpus is hashed by flows.plan.check_changes (which records the file index with each file's
-stat signature) and each file gets its template's rows under its own video_id, uri and size,
+stat signature) and each file gets its template's rows under its own video_id, uri, size and hash,
 written by FeatureStore.write_batch. Then real `mvrec refresh` processes: an unchanged night at
 --small and at --videos, a night with --new x videos new at --small (same count as at --videos),
 --nights nights each adding --new and changing --changed of the corpus (another template's bytes
@@ -165,10 +165,18 @@ def add_videos(root: Path, start: int, count: int, tpl: list[Path]) -> list[Path
         src = tpl[i % len(tpl)]
         dst = root / f"{i // PER_FOLDER:04d}" / f"{i:07d}{src.suffix}"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        unique_copy(src, dst, f"new {i}")
         made.append(dst)
     settle(made)
     return made
+
+
+def unique_copy(src: Path, dst: Path, tag: str) -> None:
+    """The template's bytes plus a short trailer after the container's last atom (decoders skip it,
+    tasks/decode.py reads all frames): every file its own content hash, as in a real corpus. Copies
+    sharing one hash would make each commit's key predicate match changed videos' old rows."""
+    with dst.open("wb") as fh:
+        fh.write(src.read_bytes() + f"\nmvrec-bench {tag}\n".encode())
 
 
 def change_videos(files: list[Path], count: int, tpl: list[Path], rng: random.Random) -> list[Path]:
@@ -176,9 +184,9 @@ def change_videos(files: list[Path], count: int, tpl: list[Path], rng: random.Ra
     changed = rng.sample(files, count)
     for f in changed:
         now = f.read_bytes()
-        other = next(t for t in rng.sample(tpl, len(tpl)) if t.read_bytes() != now)
-        with f.open("wb") as fh:
-            fh.write(other.read_bytes())
+        other = next(t for t in rng.sample(tpl, len(tpl)) if not now.startswith(t.read_bytes()))
+        with f.open("wb") as fh:  # the same inode, as an editor's in-place save
+            fh.write(other.read_bytes() + f"\nmvrec-bench changed {rng.random()}\n".encode())
     settle(changed)
     return changed
 
@@ -336,6 +344,12 @@ def seed(store: Path, source: Path, template_store: Path) -> float:
     videos = tpl.read("videos").drop_columns(["first_seen", "last_seen"])
     caps, hs = tpl.read("captions"), tpl.read("hidden_states")
     shas = videos.column("content_sha256").to_pylist()
+    # Each file is template (its number mod the templates) plus a trailer: that template's rows,
+    # under the file's own id, uri, size and content hash.
+    by_uri = dict(zip(videos.column("uri").to_pylist(), shas, strict=True))
+    tpl_files = templates(Path(template_store).parent)
+    tpl_sha = [by_uri[str(p.resolve())] for p in tpl_files]
+    template_of = {r.uri: tpl_sha[int(Path(r.uri).stem) % len(tpl_files)] for r in hashed}
     cap_row = {s: i for i, s in enumerate(caps.column("content_sha256").to_pylist())}
     hs_rows: dict[str, list[int]] = {}
     for i, s in enumerate(hs.column("content_sha256").to_pylist()):
@@ -346,6 +360,8 @@ def seed(store: Path, source: Path, template_store: Path) -> float:
         out = table.take(pa.array(idx, pa.int64()))
         ids = np.repeat(np.array([r.video_id for r in part], dtype=object), n)
         out = out.set_column(out.schema.get_field_index("video_id"), "video_id", pa.array(ids, pa.string()))
+        out = out.set_column(out.schema.get_field_index("content_sha256"), "content_sha256",
+                             pa.array(np.repeat(np.array([r.content_sha256 for r in part], dtype=object), n), pa.string()))
         if "uri" in out.column_names:
             out = out.set_column(out.schema.get_field_index("uri"), "uri", pa.array([r.uri for r in part], pa.string()))
             out = out.set_column(out.schema.get_field_index("bytes"), "bytes", pa.array([r.bytes for r in part], pa.int64()))
@@ -354,9 +370,9 @@ def seed(store: Path, source: Path, template_store: Path) -> float:
     for start in range(0, len(hashed), 8192):
         part = hashed[start:start + 8192]
         fs.write_batch(ExtractionBatch(
-            videos=own(videos, [shas.index(r.content_sha256) for r in part], part),
-            captions=own(caps, [cap_row[r.content_sha256] for r in part], part),
-            hidden_states=own(hs, [i for r in part for i in hs_rows[r.content_sha256]], part)))
+            videos=own(videos, [shas.index(template_of[r.uri]) for r in part], part),
+            captions=own(caps, [cap_row[template_of[r.uri]] for r in part], part),
+            hidden_states=own(hs, [i for r in part for i in hs_rows[template_of[r.uri]]], part)))
     return time.perf_counter() - t
 
 
