@@ -295,7 +295,11 @@ class DeltaTables:
                 values = pc.unique(data.column(k))
                 term = pc.field(k).isin(values)
                 expr = term if expr is None else expr & term
-            existing = ds.to_table(filter=expr)
+            # Key columns first: a night's keys are mostly new, and reading whole rows (vectors) of
+            # every file the filter cannot rule out made each commit cost the table's size.
+            existing = ds.to_table(columns=key, filter=expr)
+            if existing.num_rows:
+                existing = ds.to_table(filter=expr)
             out = data.select([c for c in data.column_names])
             if existing.num_rows:
                 same = pc.is_in(key_strings(existing, key), value_set=key_set)
