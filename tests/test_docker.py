@@ -233,16 +233,16 @@ def test_no_blanket_hadolint_ignores():
 
 def test_cpu_image_installs_cpu_torch_first_with_the_project_lock():
     pins = {}
-    for line in (ROOT / "constraints/lock-cpu.txt").read_text().splitlines():
+    for line in (ROOT / "constraints/cpu.lock").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name, version = line.split("==")
             pins[name.strip()] = version.strip().split("+")[0]  # 2.13.0+cpu: the CPU index's build
     runs = [rest for word, rest in _instructions(DOCKERFILES["cpu"]) if word == "RUN"]
     torch_step = next(i for i, r in enumerate(runs) if "download.pytorch.org/whl/cpu" in r)
-    assert f"torch=={pins['torch']}" in runs[torch_step], "CPU torch differs from constraints/lock-cpu.txt"
+    assert f"torch=={pins['torch']}" in runs[torch_step], "CPU torch differs from constraints/cpu.lock"
     assert f"torchvision=={pins['torchvision']}" in runs[torch_step]
-    project_steps = [i for i, r in enumerate(runs) if "-c constraints/lock-cpu.txt" in r]
+    project_steps = [i for i, r in enumerate(runs) if "-c constraints/cpu.lock" in r]
     assert len(project_steps) == 2 and min(project_steps) > torch_step, "torch first, then the project from the lock"
     assert any("mvrec.torch_compat --install-pth" in r for r in runs), "the compat .pth is not written"
     assert all("--no-cache-dir" in r for r in runs if "pip install" in r)
@@ -259,7 +259,7 @@ def test_gpu_image_is_vllm_and_keeps_its_torch():
     assert as_tuple(tag[1:]) >= as_tuple(minimum), f"base {tag} is older than the [vllm] extra's {minimum}"
     installs = [rest for word, rest in instr if word == "RUN" and "pip install" in rest]
     assert installs and all("'.[vllm,ray]'" in r and "-c /opt/mvrec/vllm-pins.txt" in r and
-                           "-c constraints/lock-gpu.txt" in r for r in installs)
+                           "-c constraints/gpu.lock" in r for r in installs)
     for r in installs:
         assert not re.search(r"\btorch(vision|audio)?[=<>]", r), "the GPU image must not install its own torch"
         assert "| diff /opt/mvrec/vllm-pins.txt -" in r, "the install must prove the frozen stack is unchanged"

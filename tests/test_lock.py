@@ -1,4 +1,4 @@
-"""The dependency lock (constraints/lock-cpu.txt, made by `make lock`) is what this environment
+"""The dependency lock (constraints/cpu.lock, made by `make lock`) is what this environment
 runs, and it covers everything pyproject.toml asks for: a range changed without re-locking, or a
 package installed around the lock, fails here rather than on a user's machine."""
 
@@ -13,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCKS = {"cpu": ROOT / "constraints/lock-cpu.txt", "gpu": ROOT / "constraints/lock-gpu.txt"}
+LOCKS = {"cpu": ROOT / "constraints/cpu.lock", "gpu": ROOT / "constraints/gpu.lock"}
 # The GPU lock leaves out what the vllm/vllm-openai base image owns (Makefile, `lock`).
 IMAGE_OWNED = re.compile(r"^(torch|torchvision|torchaudio|triton|vllm|xformers|flashinfer[-_a-z]*|nvidia-[-_a-z0-9]+)$")
 
@@ -61,4 +61,4 @@ def test_this_environment_runs_the_cpu_lock():
         name = _norm(dist.metadata["Name"])
         if name in pins and dist.version != pins[name]:
             off.append(f"{name} {dist.version} (locked {pins[name]})")
-    assert not off, "installed versions differ from constraints/lock-cpu.txt: " + ", ".join(sorted(off))
+    assert not off, "installed versions differ from constraints/cpu.lock: " + ", ".join(sorted(off))
