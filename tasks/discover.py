@@ -138,7 +138,8 @@ def _file_ref(video_id: str, path: Path) -> VideoRef:
 
 def _object_sig(info: dict) -> str:
     """An object's signature from fsspec's info/listing (s3fs: ETag, VersionId, size, LastModified)."""
-    tag = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("md5Hash") or ""
+    # ETag first: a listing gives it, while a version id comes only from a HEAD of a versioned bucket
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("VersionId") or ""
     when = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("updated") or ""
     return f"{str(tag).strip(chr(34))}:{info.get('size', '')}:{when}"
 
